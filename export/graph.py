@@ -1,0 +1,274 @@
+"""Write a Llama-family decoder as an ONNX graph made for onnxruntime on a CPU.
+
+The graph is written node by node from the weights (no tracing), so that it
+uses onnxruntime's fused contrib ops where they exist:
+
+- ``GroupQueryAttention`` with rotary embedding inside it and a KV cache of
+  fixed length (the context), which the runtime binds as both the past input
+  and the present output of each layer: each step appends in place instead of
+  copying the whole cache;
+- ``SkipSimplifiedLayerNormalization`` for each residual add plus RMSNorm;
+- ``MatMulNBits`` for int4 and int8 weights, q/k/v fused into one and gate/up
+  into one, so a layer reads its input four times, not seven;
+- the LM head only for the positions asked for (``logits_index``): the last
+  one when generating, all of them when scoring.
+
+Graph inputs: ``input_ids`` (batch × seq, int64), ``seqlens_k`` (batch, int32:
+total length − 1), ``total_sequence_length`` (scalar int32), ``logits_index``
+(n, int64) and ``past_key.{i}``/``past_value.{i}`` (batch × kv heads ×
+context × head dim). Outputs: ``logits`` (batch × n × vocab) and
+``present_key.{i}``/``present_value.{i}``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from jishi.export.quant import QuantizedWeight, concat_outputs, quantize_asymmetric, quantize_symmetric_int8
+from jishi.runtime.manifest import ModelConfig
+
+QUANTS = ("int4", "int8", "fp16", "fp32")
+OPSET = 21
+MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How each kind of weight is stored; recorded in the manifest."""
+
+    name: str  # int4 | int8 | fp16 | fp32
+    block: int = 32
+    accuracy_level: int = 4  # MatMulNBits: int8 activations (fastest on CPU)
+    zero_point_correction: bool = True  # int4: keep float block minima exactly
+
+    def as_dict(self) -> dict:
+        d = {"name": self.name}
+        if self.name in ("int4", "int8"):
+            d.update(block=self.block, accuracy_level=self.accuracy_level, lm_head="int8", embedding="int8")
+            if self.name == "int4":
+                d["zero_point_correction"] = self.zero_point_correction
+        return d
+
+
+@dataclass
+class _Graph:
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+    n: int = 0
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None, outputs=None, **attrs):
+        self.n += 1
+        base = name or f"{op_type.lower()}_{self.n}"
+        outs = outputs or [f"{base}/out{i}" if n_out > 1 else f"{base}/out" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain, **attrs))
+        return outs if n_out > 1 or outputs else outs[0]
+
+
+def rope_caches(inv_freq: np.ndarray, context: int, attention_scaling: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables (context × head_dim/2) as GroupQueryAttention wants them."""
+    pos = np.arange(context, dtype=np.float64)[:, None]
+    angles = pos * inv_freq.astype(np.float64)[None, :]
+    return (np.cos(angles) * attention_scaling).astype(np.float32), (np.sin(angles) * attention_scaling).astype(np.float32)
+
+
+class _Linear:
+    """Emits y = x·Wᵀ (+ b) for one (possibly fused) weight in the recipe's format."""
+
+    def __init__(self, g: _Graph, recipe: QuantRecipe):
+        self.g = g
+        self.recipe = recipe
+
+    def __call__(self, x: str, weights: list[np.ndarray], name: str, bias: np.ndarray | None = None) -> str:
+        g, r = self.g, self.recipe
+        w = np.concatenate(weights, axis=0) if len(weights) > 1 else weights[0]
+        n, k = w.shape
+        if r.name in ("fp32", "fp16"):
+            wt = np.ascontiguousarray(w.T)
+            if r.name == "fp16":
+                wname = g.init(f"{name}.weight", wt.astype(np.float16))
+                wname = g.op("Cast", [wname], to=TensorProto.FLOAT, name=f"{name}/cast")
+            else:
+                wname = g.init(f"{name}.weight", wt.astype(np.float32))
+            y = g.op("MatMul", [x, wname], name=f"{name}/matmul")
+        else:
+            if r.name == "int4":
+                parts = [quantize_asymmetric(p, 4, r.block, correct=r.zero_point_correction) for p in weights]
+            else:
+                parts = [quantize_asymmetric(p, 8, r.block, correct=False) for p in weights]
+            qw = concat_outputs(parts) if len(parts) > 1 else parts[0]
+            y = self._matmul_nbits(x, qw, name)
+        if bias is not None:
+            y = g.op("Add", [y, g.init(f"{name}.bias", bias.astype(np.float32))], name=f"{name}/bias")
+        return y
+
+    def _matmul_nbits(self, x: str, qw: QuantizedWeight, name: str) -> str:
+        g, r = self.g, self.recipe
+        inputs = [
+            x,
+            g.init(f"{name}.qweight", qw.packed),
+            g.init(f"{name}.scales", qw.scales.reshape(-1)),
+            g.init(f"{name}.qzeros", qw.zero_points),
+        ]
+        y = g.op(
+            "MatMulNBits", inputs, domain=MS, name=f"{name}/matmul",
+            K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block, accuracy_level=r.accuracy_level,
+        )
+        if qw.correction is None:
+            return y
+        # (block sums of x) · Δ restores the exact block minima (see quant.py).
+        blocks = g.op("Reshape", [x, g.init(f"{name}.block_shape", np.array([0, 0, qw.k // qw.block, qw.block], np.int64))],
+                      name=f"{name}/blocks")
+        sums = g.op("ReduceSum", [blocks, "axes_last"], keepdims=0, name=f"{name}/block_sums")
+        fix = g.op("MatMul", [sums, g.init(f"{name}.zp_correction", qw.correction)], name=f"{name}/zp_fix")
+        return g.op("Add", [y, fix], name=f"{name}/corrected")
+
+
+def build_decoder(
+    cfg: ModelConfig,
+    weights: Mapping[str, np.ndarray],
+    inv_freq: np.ndarray,
+    recipe: QuantRecipe,
+    attention_scaling: float = 1.0,
+    progress: Callable[[int], None] | None = None,
+) -> onnx.ModelProto:
+    """The decoder graph of ``cfg`` with ``weights`` (Hugging Face Llama names, numpy)."""
+    g = _Graph()
+    lin = _Linear(g, recipe)
+    g.init("axes_last", np.array([-1], np.int64))
+    hd, nh, nkv, H = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size
+
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n_logits"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n_logits", cfg.vocab_size])]
+    kv_shape = ["batch", nkv, cfg.context_length, hd]
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, kv_shape))
+
+    cos, sin = rope_caches(inv_freq, cfg.context_length, attention_scaling)
+    g.init("rope.cos", cos)
+    g.init("rope.sin", sin)
+
+    embed = weights["model.embed_tokens.weight"]
+    lm_head = embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
+    hidden = _embedding(g, recipe, embed)
+
+    residual = None
+    x = None
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        ln_in = weights[p + "input_layernorm.weight"].astype(np.float32)
+        if residual is None:
+            x = g.op("SimplifiedLayerNormalization", [hidden, g.init(p + "input_layernorm.weight", ln_in)],
+                     axis=-1, epsilon=cfg.rms_norm_eps, name=f"layer{i}/ln_in")
+            residual = hidden
+        else:
+            x, residual = _skip_norm(g, x, residual, g.init(p + "input_layernorm.weight", ln_in), cfg, f"layer{i}/ln_in")
+
+        a = p + "self_attn."
+        bias = None
+        if a + "q_proj.bias" in weights:
+            bias = np.concatenate([weights[a + f"{t}_proj.bias"] for t in "qkv"])
+        qkv = lin(x, [weights[a + f"{t}_proj.weight"] for t in "qkv"], f"layer{i}.attn.qkv", bias=bias)
+        attn, _, _ = g.op(
+            "GroupQueryAttention",
+            [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", "rope.cos", "rope.sin"],
+            domain=MS, name=f"layer{i}/attn", outputs=[f"layer{i}/attn/out", f"present_key.{i}", f"present_value.{i}"],
+            num_heads=nh, kv_num_heads=nkv, scale=1.0 / math.sqrt(hd), do_rotary=1, rotary_interleaved=0,
+            local_window_size=cfg.sliding_window or -1,
+        )
+        o = lin(attn, [weights[a + "o_proj.weight"]], f"layer{i}.attn.o")
+
+        ln_post = g.init(p + "post_attention_layernorm.weight", weights[p + "post_attention_layernorm.weight"].astype(np.float32))
+        x, residual = _skip_norm(g, o, residual, ln_post, cfg, f"layer{i}/ln_post")
+
+        m = p + "mlp."
+        gate_up = lin(x, [weights[m + "gate_proj.weight"], weights[m + "up_proj.weight"]], f"layer{i}.mlp.gate_up")
+        gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2, name=f"layer{i}/mlp/split")
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"layer{i}/mlp/sigmoid")], name=f"layer{i}/mlp/silu")
+        x = lin(g.op("Mul", [act, up], name=f"layer{i}/mlp/gated"), [weights[m + "down_proj.weight"]], f"layer{i}.mlp.down")
+        if progress:
+            progress(1)
+
+    normed, _ = _skip_norm(g, x, residual, g.init("model.norm.weight", weights["model.norm.weight"].astype(np.float32)), cfg, "final_norm")
+    picked = g.op("Gather", [normed, "logits_index"], axis=1, name="pick_positions")
+    _lm_head(g, recipe, picked, lm_head, tied=cfg.tie_word_embeddings)
+
+    graph = helper.make_graph(g.nodes, "jishi_decoder", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
+    model.ir_version = 10
+    return model
+
+
+def _skip_norm(g: _Graph, x: str, residual: str, gamma: str, cfg: ModelConfig, name: str) -> tuple[str, str]:
+    out = [f"{name}/out", "", "", f"{name}/residual"]
+    g.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], domain=MS, name=name, outputs=out, epsilon=cfg.rms_norm_eps)
+    return out[0], out[3]
+
+
+def _embedding(g: _Graph, recipe: QuantRecipe, embed: np.ndarray) -> str:
+    if recipe.name in ("fp32", "fp16"):
+        table = g.init("model.embed_tokens.weight", embed.astype(np.float16 if recipe.name == "fp16" else np.float32))
+        rows = g.op("Gather", [table, "input_ids"], axis=0, name="embed")
+        return g.op("Cast", [rows], to=TensorProto.FLOAT, name="embed/cast") if recipe.name == "fp16" else rows
+    qe = quantize_symmetric_int8(embed, recipe.block)
+    vocab, hidden = embed.shape
+    inputs = [
+        g.init("model.embed_tokens.qweight", qe.packed.reshape(vocab, hidden)),
+        "input_ids",
+        g.init("model.embed_tokens.scales", qe.scales),
+        g.init("model.embed_tokens.qzeros", qe.zero_points.reshape(vocab, -1)),
+    ]
+    return g.op("GatherBlockQuantized", inputs, domain=MS, name="embed", gather_axis=0, quantize_axis=1, block_size=qe.block, bits=8)
+
+
+def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: bool) -> None:
+    if recipe.name in ("fp32", "fp16"):
+        if tied:
+            # Gemm with transB reads the embedding table as it is: one copy of the largest tensor.
+            table = "model.embed_tokens.weight"
+            if recipe.name == "fp16":
+                table = g.op("Cast", [table], to=TensorProto.FLOAT, name="lm_head/cast")
+            flat = g.op("Reshape", [x, g.init("lm_head.flat", np.array([-1, weight.shape[1]], np.int64))], name="lm_head/flat")
+            y = g.op("Gemm", [flat, table], transB=1, name="lm_head/gemm")
+            shape = g.op("Shape", [x], end=2, name="lm_head/shape")
+            out_shape = g.op("Concat", [shape, g.init("lm_head.vocab", np.array([weight.shape[0]], np.int64))], axis=0, name="lm_head/out_shape")
+            g.op("Reshape", [y, out_shape], name="lm_head/unflat", outputs=["logits"])
+            return
+        wt = np.ascontiguousarray(weight.T)
+        w = g.init("lm_head.weight", wt.astype(np.float16 if recipe.name == "fp16" else np.float32))
+        if recipe.name == "fp16":
+            w = g.op("Cast", [w], to=TensorProto.FLOAT, name="lm_head/cast")
+        g.op("MatMul", [x, w], name="lm_head/matmul", outputs=["logits"])
+        return
+    qw = quantize_symmetric_int8(weight, recipe.block)
+    inputs = [x, g.init("lm_head.qweight", qw.packed), g.init("lm_head.scales", qw.scales.reshape(-1)), g.init("lm_head.qzeros", qw.zero_points)]
+    g.op("MatMulNBits", inputs, domain=MS, name="lm_head/matmul", outputs=["logits"],
+         K=qw.k, N=qw.n, bits=8, block_size=qw.block, accuracy_level=recipe.accuracy_level)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Write the graph with its weights in one external data file beside it; returns both paths."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [path, data]

@@ -1,0 +1,40 @@
+"""jishi: a small language model, shrunk, exported to ONNX and run offline.
+
+    import jishi
+    m = jishi.load("bundles/smollm2-135m-instruct-int4")
+    print(m.chat([{"role": "user", "content": "What is the capital of France?"}]))
+
+Importing jishi loads neither torch nor onnxruntime; ``load`` brings in the runtime.
+"""
+
+from jishi.errors import (
+    AdapterError,
+    BaseModelError,
+    BundleError,
+    ContextLengthError,
+    DeviceFitError,
+    JishiError,
+    MissingExtraError,
+    SignatureError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load",
+    "AdapterError",
+    "BaseModelError",
+    "BundleError",
+    "ContextLengthError",
+    "DeviceFitError",
+    "JishiError",
+    "MissingExtraError",
+    "SignatureError",
+]
+
+
+def load(bundle, threads: int | None = None, context: int | None = None):
+    """Open a bundle (a directory path, or an installed model's name) for generation."""
+    from jishi.runtime.model import load as _load
+
+    return _load(bundle, threads=threads, context=context)
