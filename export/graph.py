@@ -145,7 +145,8 @@ def build_decoder(
     """The decoder graph of ``cfg`` with ``weights`` (Hugging Face Llama names, numpy)."""
     g = _Graph()
     lin = _Linear(g, recipe)
-    g.init("axes_last", np.array([-1], np.int64))
+    if recipe.name == "int4" and recipe.zero_point_correction:
+        g.init("axes_last", np.array([-1], np.int64))
     hd, nh, nkv, H = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size
 
     inputs = [
@@ -155,7 +156,7 @@ def build_decoder(
         helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n_logits"]),
     ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n_logits", cfg.vocab_size])]
-    kv_shape = ["batch", nkv, cfg.context_length, hd]
+    kv_shape = ["batch", nkv, "max_context", hd]  # the runtime may allocate less than the build context
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, kv_shape))

