@@ -1,0 +1,199 @@
+"""The ``jishi`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from jishi import __version__
+from jishi.errors import JishiError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except JishiError as e:
+        if args.debug:
+            raise
+        print(f"jishi: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jishi", description="Shrink, export and run a language model offline.")
+    p.add_argument("--version", action="version", version=f"jishi {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    b = sub.add_parser("build", help="export a base model to a bundle")
+    b.add_argument("--base", help="known base name (default smollm2-135m-instruct), a GGUF file or a Hugging Face directory")
+    b.add_argument("--quant", default="int4", choices=["int4", "int8", "fp16", "fp32"], help="weight format (default int4)")
+    b.add_argument("-o", "--output", help="bundle directory (default ./bundles/<name>-<quant>)")
+    b.add_argument("--name", help="model name in the manifest (default: from the base)")
+    b.add_argument("--context", type=int, default=2048, help="context window in tokens (default 2048)")
+    b.add_argument("--no-eval", action="store_true", help="skip measuring quality on held-out text")
+    b.set_defaults(func=_build)
+
+    for name, help_text in (("run", "answer one prompt, streaming"), ("chat", "chat in the terminal")):
+        r = sub.add_parser(name, help=help_text)
+        r.add_argument("bundle", help="bundle directory or installed model name")
+        if name == "run":
+            r.add_argument("prompt", help="the prompt ('-' reads standard input)")
+            r.add_argument("--raw", action="store_true", help="send the prompt as it is, without the chat template")
+        else:
+            r.add_argument("--system", help="system prompt")
+        r.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
+        r.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+        r.add_argument("--top-k", type=int, default=40)
+        r.add_argument("--top-p", type=float, default=0.95)
+        r.add_argument("--repetition-penalty", type=float, default=1.1)
+        r.add_argument("--seed", type=int)
+        r.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+        r.add_argument("--context", type=int, help="context window (default: the bundle's)")
+        r.set_defaults(func=_run if name == "run" else _chat)
+
+    i = sub.add_parser("info", help="summarise a bundle")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.set_defaults(func=_info)
+    return p
+
+
+def _build(args) -> int:
+    from jishi.pipeline import build
+
+    path = build(args.base, args.quant, args.output, args.name, args.context, evaluate=not args.no_eval)
+    print(path)
+    return 0
+
+
+def _sampling(args) -> dict:
+    return dict(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def _load(args):
+    import jishi
+
+    return jishi.load(args.bundle, threads=args.threads, context=args.context)
+
+
+def _run(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = _load(args)
+    if args.raw or not model.manifest.tokenizer.chat_template:
+        stream = model.stream(prompt, **_sampling(args))
+    else:
+        stream = model.chat_stream([{"role": "user", "content": prompt}], **_sampling(args))
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _chat(args) -> int:
+    from jishi.runtime.chat import Conversation
+
+    model = _load(args)
+    convo = Conversation(model, system=args.system, reserve=args.max_tokens)
+    print(f"{model.name} ({model.manifest.graph.quantization['name']}, context {model.context}). "
+          "Ctrl-C stops a reply, Ctrl-D or /exit leaves, /reset starts over.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            convo.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        stream = convo.send(text, **_sampling(args))
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def _info(args) -> int:
+    from jishi.runtime.bundle import open_bundle
+    from jishi.runtime.model import resolve_bundle
+
+    bundle = open_bundle(resolve_bundle(args.bundle))
+    if args.json:
+        print(bundle.manifest_bytes.decode())
+        return 0
+    print(describe(bundle))
+    return 0
+
+
+def describe(bundle) -> str:
+    m = bundle.manifest
+    c = m.config
+    q = m.graph.quantization
+    rows = [
+        ("name", m.name),
+        ("path", str(bundle.root)),
+        ("format", f"{m.format} v{m.format_version}"),
+        ("size", f"{bundle.size / 1e6:.1f} MB in {len(m.files)} files"),
+        ("model", f"{c.family}, {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads "
+                  f"({c.num_kv_heads} KV), vocab {c.vocab_size}"),
+        ("quantization", ", ".join(f"{k}={v}" for k, v in q.items())),
+        ("context", f"{c.context_length} tokens"),
+        ("base", f"{m.provenance.get('base')} ({m.provenance.get('base_source')}, sha256 "
+                 f"{(m.provenance.get('base_sha256') or '-')[:12]})"),
+        ("signed", "yes" if bundle.signed else "no"),
+        ("adapters", ", ".join(a["name"] for a in m.adapters) or "none"),
+    ]
+    ev = m.evaluation
+    if ev:
+        rows.append(("quality", f"perplexity {ev['perplexity']:.2f} (reference {ev['reference_perplexity']:.2f}, "
+                                f"{100 * (ev['perplexity'] / ev['reference_perplexity'] - 1):+.1f}%), "
+                                f"top-1 agreement {100 * ev['top1_agreement']:.1f}%"))
+        rows.append(("measured on", ev["heldout"]))
+    else:
+        rows.append(("quality", "not measured (built with --no-eval)"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines.append("")
+    lines.append("files:")
+    fw = max(len(n) for n in m.files)
+    for n, f in m.files.items():
+        lines.append(f"  {n:<{fw}}  {f.size / 1e6:9.2f} MB  sha256 {f.sha256[:16]}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

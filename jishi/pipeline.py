@@ -1,0 +1,151 @@
+"""build = load the base → write the ONNX graph → write the bundle → measure its quality."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from jishi.errors import JishiError
+from jishi.heldout import heldout_text, windows
+
+DEFAULT_CONTEXT = 2048
+
+
+def default_output(name: str, quant: str) -> Path:
+    return Path("bundles") / f"{name}-{quant}"
+
+
+def build(
+    base: str | None = None,
+    quant: str = "int4",
+    output: str | Path | None = None,
+    name: str | None = None,
+    context: int = DEFAULT_CONTEXT,
+    evaluate: bool = True,
+    quiet: bool = False,
+) -> Path:
+    """Build a bundle from a base model; returns its directory."""
+    from tqdm import tqdm
+
+    from jishi.distill.base import load_base
+    from jishi.export.bundle_writer import publish, staging_dir, with_files, write_manifest
+    from jishi.export.from_torch import model_config, numpy_weights, rotary
+    from jishi.export.graph import QUANTS, QuantRecipe, build_decoder, save_model
+    from jishi.runtime.manifest import GraphInfo, Manifest, TokenizerInfo
+
+    if quant not in QUANTS:
+        raise JishiError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+    if context < 16:
+        raise JishiError(f"context {context} is too small; use at least 16 tokens")
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+
+    t0 = time.time()
+    say("Loading the base model…")
+    base_model = load_base(base)
+    cfg = model_config(base_model.model.config, context)
+    name = name or base_model.name
+    target = Path(output) if output else default_output(name, quant)
+    recipe = QuantRecipe(quant)
+    weights = numpy_weights(base_model.model)
+    inv_freq, attention_scaling = rotary(base_model.model)
+    with tqdm(total=cfg.num_layers, desc=f"Writing the {quant} graph", unit="layer", disable=quiet, file=sys.stderr) as bar:
+        graph = build_decoder(cfg, weights, inv_freq, recipe, attention_scaling, progress=bar.update)
+    del weights
+
+    staging = staging_dir(target)
+    try:
+        save_model(graph, staging / "model.onnx")
+        del graph
+        (staging / "tokenizer.json").write_text(base_model.tokenizer_json, encoding="utf-8")
+        tok = base_model.tokenizer
+        manifest = Manifest(
+            name=name,
+            config=cfg,
+            graph=GraphInfo(
+                file="model.onnx",
+                data_file="model.onnx.data",
+                quantization=recipe.as_dict(),
+                inputs=["input_ids", "seqlens_k", "total_sequence_length", "logits_index", "past_key.*", "past_value.*"],
+                outputs=["logits", "present_key.*", "present_value.*"],
+            ),
+            tokenizer=TokenizerInfo(
+                file="tokenizer.json",
+                add_bos=base_model.add_bos,
+                bos_token=tok.bos_token,
+                eos_tokens=tok.convert_ids_to_tokens(base_model.eos_token_ids),
+                eos_token_ids=base_model.eos_token_ids,
+                chat_template=base_model.chat_template,
+                pad_token_id=tok.pad_token_id,
+            ),
+            files={},
+            provenance={
+                "base": base_model.name,
+                "base_source": Path(base_model.source).name,
+                "base_sha256": base_model.source_sha256,
+                "built_with": _versions(),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+        manifest = with_files(manifest, staging)
+        write_manifest(staging, manifest)
+        if evaluate:
+            say("Measuring quality on held-out text…")
+            manifest = replace(manifest, evaluation=evaluate_bundle(staging, base_model.model, quiet=quiet))
+            write_manifest(staging, manifest)
+        publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say(f"Wrote {target} in {time.time() - t0:.0f} s")
+    return target
+
+
+def evaluate_bundle(bundle_dir: Path, reference_model, quiet: bool = False, max_windows: int | None = None) -> dict:
+    """Perplexity of the bundle and of the torch reference on the held-out text, and their top-1 agreement."""
+    from tqdm import tqdm
+
+    from jishi.distill.evaluate import reference_stats
+    from jishi.runtime.model import load
+
+    model = load(bundle_dir)
+    ids = model.tokenizer.encode(heldout_text(), bos=False)
+    wins = windows(ids)[:max_windows]
+    if not wins:
+        raise JishiError("the held-out text is shorter than one window for this tokenizer")
+    with tqdm(total=2 * len(wins), desc="Held-out windows", disable=quiet, file=sys.stderr) as bar:
+        ref_logp, ref_top = reference_stats(reference_model, wins, progress=bar.update)
+        nll, agree = 0.0, 0.0
+        for win, top in zip(wins, ref_top):
+            model.engine.reset()
+            logits = model.engine.feed(win, all_logits=True).astype(np.float64)
+            m = logits.max(axis=-1, keepdims=True)
+            logz = (np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)) + m)[:, 0]
+            nll -= (logits[np.arange(len(win) - 1), win[1:]] - logz[:-1]).sum()
+            agree += float((logits.argmax(-1) == top).mean())
+            bar.update(1)
+    n = sum(len(w) - 1 for w in wins)
+    ref_nll = -sum(float(lp.sum()) for lp in ref_logp)
+    return {
+        "heldout": f"pydoc_data.topics, first 20000 characters, {len(wins)} windows of {len(wins[0])} tokens, no BOS",
+        "perplexity": round(float(np.exp(nll / n)), 4),
+        "reference_perplexity": round(float(np.exp(ref_nll / n)), 4),
+        "top1_agreement": round(agree / len(wins), 4),
+        "accuracy_level": model.manifest.graph.quantization.get("accuracy_level"),
+    }
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("jishi", "torch", "transformers", "onnx", "onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,132 @@
+"""One decoder session and its KV cache: feed tokens, get logits.
+
+The cache is one preallocated block bound once as both the past input and the
+present output of every layer, so GroupQueryAttention appends in place. The
+decode step's inputs and its logits output are bound to fixed buffers too: a
+step writes four numbers into numpy arrays and runs, with no allocation.
+
+The engine remembers which tokens its cache holds, so a request that starts
+with the same tokens (the next turn of a chat) only feeds what is new.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from jishi.errors import ContextLengthError
+from jishi.runtime.manifest import ModelConfig
+
+PREFILL_CHUNK = 512  # tokens per prefill run: bounds the attention scratch memory
+
+
+def make_session(path: Path, threads: int, providers: list[str] | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+class Engine:
+    def __init__(self, session: ort.InferenceSession, cfg: ModelConfig, context: int):
+        self.session = session
+        self.cfg = cfg
+        self.context = context
+        shape = (2 * cfg.num_layers, 1, cfg.num_kv_heads, context, cfg.head_dim)
+        self._kv = np.zeros(shape, dtype=np.float32)
+        self._kv_values = [ort.OrtValue.ortvalue_from_numpy(self._kv[i]) for i in range(shape[0])]
+        self.tokens: list[int] = []  # what the cache holds, in order
+
+        # Fixed buffers for the one-token decode step.
+        self._ids = np.zeros((1, 1), np.int64)
+        self._seqlens = np.zeros((1,), np.int32)
+        self._total = np.zeros((), np.int32)
+        self._last = np.zeros((1,), np.int64)
+        self._logits = np.zeros((1, 1, cfg.vocab_size), np.float32)
+        self._step_values = {
+            "input_ids": ort.OrtValue.ortvalue_from_numpy(self._ids),
+            "seqlens_k": ort.OrtValue.ortvalue_from_numpy(self._seqlens),
+            "total_sequence_length": ort.OrtValue.ortvalue_from_numpy(self._total),
+            "logits_index": ort.OrtValue.ortvalue_from_numpy(self._last),
+        }
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        self._io = session.io_binding()
+        for i in range(cfg.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                value = self._kv_values[2 * i + j]
+                self._io.bind_ortvalue_input(f"past_{kind}.{i}", value)
+                self._io.bind_ortvalue_output(f"present_{kind}.{i}", value)
+        self._bind_step()
+
+    def _bind_step(self) -> None:
+        for name, value in self._step_values.items():
+            self._io.bind_ortvalue_input(name, value)
+        self._io.bind_ortvalue_output("logits", self._logits_value)
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def reuse_prefix(self, ids: list[int]) -> int:
+        """Keep the cached tokens that ``ids`` starts with (at least one token stays to feed)."""
+        n = 0
+        limit = min(len(self.tokens), len(ids) - 1)
+        while n < limit and self.tokens[n] == ids[n]:
+            n += 1
+        del self.tokens[n:]
+        return n
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token; the logits (vocab,) for the next one. The array is reused by the next step."""
+        pos = len(self.tokens)
+        if pos >= self.context:
+            raise ContextLengthError(f"the context window of {self.context} tokens is full")
+        self._ids[0, 0] = token
+        self._seqlens[0] = pos
+        self._total[...] = pos + 1
+        self.session.run_with_iobinding(self._io)
+        self.tokens.append(token)
+        return self._logits[0, 0]
+
+    def feed(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
+        """Feed several tokens after what the cache holds; logits of the last one, or of every one (n × vocab)."""
+        if not ids:
+            raise ValueError("feed() needs at least one token")
+        if len(self.tokens) + len(ids) > self.context:
+            raise ContextLengthError(
+                f"{len(self.tokens) + len(ids)} tokens do not fit in the context window of {self.context}"
+            )
+        if len(ids) == 1 and not all_logits:
+            return self.step(ids[0]).copy()
+        out = []
+        try:
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                chunk = ids[start:start + PREFILL_CHUNK]
+                last = start + len(chunk) == len(ids)
+                logits = self._run_chunk(chunk, all_logits or not last)
+                if all_logits:
+                    out.append(logits)
+                elif last:
+                    out.append(logits[-1])
+        finally:
+            self._bind_step()
+        return np.concatenate(out, axis=0) if all_logits else out[0]
+
+    def _run_chunk(self, chunk: list[int], all_logits: bool) -> np.ndarray:
+        pos, n = len(self.tokens), len(chunk)
+        io = self._io
+        io.bind_cpu_input("input_ids", np.asarray([chunk], dtype=np.int64))
+        io.bind_cpu_input("seqlens_k", np.asarray([pos + n - 1], dtype=np.int32))
+        io.bind_cpu_input("total_sequence_length", np.asarray(pos + n, dtype=np.int32))
+        index = np.arange(n, dtype=np.int64) if all_logits else np.asarray([n - 1], dtype=np.int64)
+        io.bind_cpu_input("logits_index", index)
+        logits = np.empty((1, index.size, self.cfg.vocab_size), dtype=np.float32)
+        io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        del self.tokens[pos:]  # stays true if the run is interrupted
+        self.session.run_with_iobinding(io)
+        self.tokens.extend(chunk)
+        return logits[0]

@@ -1,0 +1,212 @@
+"""The Python API of a loaded bundle: generate, stream, chat and score."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from jishi.errors import BundleError, ContextLengthError
+from jishi.runtime.bundle import Bundle, open_bundle
+from jishi.runtime.engine import Engine, make_session
+from jishi.runtime.sampling import SamplingParams, sample
+from jishi.runtime.tokenizer import TextStream, Tokenizer
+
+
+@dataclass(frozen=True)
+class Result:
+    """What ``generate`` and ``chat`` return; ``str(result)`` is the text."""
+
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Stream:
+    """Text pieces as they are generated; ``.result`` once the iteration is over."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise
+
+    def close(self) -> None:
+        """Stop generating (e.g. the user pressed Ctrl-C); the cache stays consistent."""
+        self._pieces.close()
+
+
+def resolve_bundle(name_or_path: str | os.PathLike) -> Path:
+    """A path if it exists as one, else the directory of an installed model of that name."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    from jishi.runtime.store import installed_path
+
+    found = installed_path(str(name_or_path))
+    if found is None:
+        raise BundleError(
+            f"no bundle {str(name_or_path)!r}: it is neither a path that exists nor an installed model "
+            "(see `jishi list`; build one with `jishi build`)"
+        )
+    return found
+
+
+def default_threads() -> int:
+    from jishi.devices.cpu import physical_cores
+
+    return physical_cores()
+
+
+class Model:
+    def __init__(self, bundle: Bundle, threads: int | None = None, context: int | None = None):
+        m = bundle.manifest
+        self.bundle = bundle
+        self.manifest = m
+        self.name = m.name
+        built = m.config.context_length
+        if context is not None and not 1 <= context <= built:
+            raise ContextLengthError(f"context {context} must be between 1 and the bundle's {built} tokens")
+        self.context = context or built
+        self.threads = threads or default_threads()
+        self.tokenizer = Tokenizer(bundle.path(m.tokenizer.file), m.tokenizer)
+        try:
+            session = make_session(bundle.path(m.graph.file), self.threads)
+        except Exception as e:  # onnxruntime reports a bad graph with its own exception types
+            raise BundleError(f"onnxruntime cannot load {m.graph.file}: {e}") from None
+        self.engine = Engine(session, m.config, self.context)
+
+    # --- text in, text out -------------------------------------------------------------
+
+    def generate(self, prompt: str, **kwargs) -> Result:
+        stream = self.stream(prompt, **kwargs)
+        text = "".join(stream)
+        return Result(text, stream.result.finish_reason, stream.result.prompt_tokens, stream.result.completion_tokens)
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        repetition_penalty: float = 1.1,
+        stop: str | Iterable[str] | None = None,
+        seed: int | None = None,
+        truncate: bool = False,
+    ) -> Stream:
+        ids = self.tokenizer.encode(prompt)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+        return Stream(self._generate(ids, max_new_tokens, params, _stops(stop), seed, truncate))
+
+    def chat(self, messages: list[dict], **kwargs) -> Result:
+        return self.generate(self.chat_prompt(messages), **kwargs)
+
+    def chat_stream(self, messages: list[dict], **kwargs) -> Stream:
+        return self.stream(self.chat_prompt(messages), **kwargs)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def score(self, text: str) -> np.ndarray:
+        """log p(token_i | tokens before it) for tokens 2..n of ``text`` (float64, n − 1 values)."""
+        ids = self.tokenizer.encode(text)
+        if len(ids) < 2:
+            raise ValueError("score() needs a text of at least two tokens")
+        if len(ids) > self.context:
+            raise ContextLengthError(
+                f"the text is {len(ids)} tokens, longer than the context of {self.context}; score it in pieces"
+            )
+        self.engine.reset()
+        logits = self.engine.feed(ids[:-1], all_logits=True).astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        logz = np.log(np.exp(logits).sum(axis=-1))
+        return logits[np.arange(len(ids) - 1), ids[1:]] - logz
+
+    # --- the loop --------------------------------------------------------------------
+
+    def _generate(self, ids, max_new_tokens, params, stops, seed, truncate):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        room = self.context - len(ids)
+        if room < 1:
+            if not truncate:
+                raise ContextLengthError(
+                    f"the prompt is {len(ids)} tokens and the context window is {self.context}; shorten the "
+                    "prompt, load with a larger context, or pass truncate=True to keep its end"
+                )
+            keep = max(1, self.context - min(max_new_tokens, self.context // 2))
+            ids = ids[-keep:]
+            room = self.context - len(ids)
+        budget = min(max_new_tokens, room)
+        rng = np.random.default_rng(seed)
+        engine = self.engine
+        start = engine.reuse_prefix(ids)
+        logits = engine.feed(ids[start:])
+        seen = set(ids) if params.repetition_penalty != 1.0 else None
+        text = TextStream(self.tokenizer)
+        pending = ""  # text held back because it may be the start of a stop string
+        hold = max((len(s) for s in stops), default=1) - 1
+        produced = 0
+        finish = "length"
+        while produced < budget:
+            token = sample(logits, params, rng, np.fromiter(seen, np.int64) if seen else None)
+            produced += 1
+            if token in self.tokenizer.eos_ids:
+                finish = "stop"
+                break
+            pending += text.add(token)
+            if produced == budget:
+                pending += text.flush()
+            cut = _find_stop(pending, stops)
+            if cut is not None:
+                pending = pending[:cut]
+                finish = "stop"
+                break
+            if len(pending) > hold:
+                yield pending[: len(pending) - hold]
+                pending = pending[len(pending) - hold:]
+            if seen is not None:
+                seen.add(token)
+            if produced < budget:
+                logits = engine.step(token)
+        if pending:
+            yield pending
+        return Result("", finish, len(ids), produced)
+
+
+def _stops(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,) if stop else ()
+    return tuple(s for s in stop if s)
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def load(bundle, threads: int | None = None, context: int | None = None) -> Model:
+    return Model(open_bundle(resolve_bundle(bundle)), threads=threads, context=context)

@@ -1,0 +1,102 @@
+"""Tokenization, chat templates and streaming detokenization, with no torch."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+from jishi.errors import BundleError, JishiError
+from jishi.runtime.manifest import TokenizerInfo
+
+
+class Tokenizer:
+    """The bundle's tokenizer: encoding adds BOS only where the model was trained with it."""
+
+    def __init__(self, path: Path, info: TokenizerInfo):
+        try:
+            self._tok = _HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise BundleError(f"cannot read the tokenizer {path.name}: {e}") from None
+        self.info = info
+        self.bos_id = self._tok.token_to_id(info.bos_token) if info.bos_token else None
+        self.eos_ids = frozenset(info.eos_token_ids)
+        self._template = None
+        if info.chat_template:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            try:
+                self._template = env.from_string(info.chat_template)
+            except TemplateError as e:
+                raise BundleError(f"the bundle's chat template does not parse: {e}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if (self.info.add_bos if bos is None else bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise JishiError("this bundle has no chat template; use generate() with a plain prompt")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.info.bos_token or "",
+                eos_token=self.info.eos_tokens[0] if self.info.eos_tokens else "",
+            )
+        except TemplateError as e:
+            raise JishiError(f"the chat template refused these messages: {e}") from None
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+class TextStream:
+    """Turns token ids into text pieces as they arrive, never splitting a multi-byte character.
+
+    Byte-level tokenizers may emit half a UTF-8 character per token; a piece is
+    released only once it decodes without a replacement character at its end.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._start = 0  # first id of the window still being decoded
+        self._emitted = 0  # characters of that window already released
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        text = self._tok.decode(self._ids[self._start:])
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self._emitted:]
+        # Keep the window short: restart it at this token, remembering its text length.
+        if len(self._ids) - self._start > 8:
+            self._start = len(self._ids) - 1
+            self._emitted = len(self._tok.decode(self._ids[self._start:]))
+        else:
+            self._emitted = len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self._tok.decode(self._ids[self._start:])
+        piece = text[self._emitted:]
+        self._emitted = len(text)
+        return piece
