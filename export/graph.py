@@ -10,13 +10,13 @@ uses onnxruntime's fused contrib ops where they exist:
 - ``SkipSimplifiedLayerNormalization`` for each residual add plus RMSNorm;
 - ``MatMulNBits`` for int4 and int8 weights, q/k/v fused into one and gate/up
   into one, so a layer reads its input four times, not seven;
-- the LM head only for the positions asked for (``logits_index``): the last
-  one when generating, all of them when scoring.
+- the LM head only for the token rows asked for (``logits_index``, into the
+  flattened batch·seq rows): the last one when generating, all when scoring.
 
 Graph inputs: ``input_ids`` (batch × seq, int64), ``seqlens_k`` (batch, int32:
 total length − 1), ``total_sequence_length`` (scalar int32), ``logits_index``
 (n, int64) and ``past_key.{i}``/``past_value.{i}`` (batch × kv heads ×
-context × head dim). Outputs: ``logits`` (batch × n × vocab) and
+context × head dim). Outputs: ``logits`` (n × vocab) and
 ``present_key.{i}``/``present_value.{i}``.
 """
 
@@ -88,6 +88,7 @@ class _Linear:
     def __init__(self, g: _Graph, recipe: QuantRecipe):
         self.g = g
         self.recipe = recipe
+        self._shared: dict[str, str] = {}
 
     def __call__(self, x: str, weights: list[np.ndarray], name: str, bias: np.ndarray | None = None) -> str:
         g, r = self.g, self.recipe
@@ -126,12 +127,16 @@ class _Linear:
         )
         if qw.correction is None:
             return y
-        # (block sums of x) · Δ restores the exact block minima (see quant.py).
-        blocks = g.op("Reshape", [x, g.init(f"{name}.block_shape", np.array([0, 0, qw.k // qw.block, qw.block], np.int64))],
-                      name=f"{name}/blocks")
-        sums = g.op("ReduceSum", [blocks, "axes_last"], keepdims=0, name=f"{name}/block_sums")
-        fix = g.op("MatMul", [sums, g.init(f"{name}.zp_correction", qw.correction)], name=f"{name}/zp_fix")
-        return g.op("Add", [y, fix], name=f"{name}/corrected")
+        # (block sums of x) · Δ restores the exact block minima (see quant.py): two small
+        # nodes, a MatMul by the 0/1 block-membership matrix and a Gemm that adds to y.
+        sums = g.op("MatMul", [x, self._block_sum_matrix(qw.k, qw.block)], name=f"{name}/block_sums")
+        return g.op("Gemm", [sums, g.init(f"{name}.zp_correction", qw.correction), y], name=f"{name}/corrected")
+
+    def _block_sum_matrix(self, k: int, block: int) -> str:
+        name = f"block_sums.{k}.{block}"
+        if name not in self._shared:
+            self._shared[name] = self.g.init(name, np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32)))
+        return self._shared[name]
 
 
 def build_decoder(
@@ -145,8 +150,6 @@ def build_decoder(
     """The decoder graph of ``cfg`` with ``weights`` (Hugging Face Llama names, numpy)."""
     g = _Graph()
     lin = _Linear(g, recipe)
-    if recipe.name == "int4" and recipe.zero_point_correction:
-        g.init("axes_last", np.array([-1], np.int64))
     hd, nh, nkv, H = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size
 
     inputs = [
@@ -155,7 +158,7 @@ def build_decoder(
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n_logits"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n_logits", cfg.vocab_size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n_logits", cfg.vocab_size])]
     kv_shape = ["batch", nkv, "max_context", hd]  # the runtime may allocate less than the build context
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
@@ -168,7 +171,14 @@ def build_decoder(
 
     embed = weights["model.embed_tokens.weight"]
     lm_head = embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
-    hidden = _embedding(g, recipe, embed)
+    # The layers work on token rows (batch·seq × hidden): 2-D lets each zero-point
+    # correction be one Gemm. Attention alone needs (batch, seq, features).
+    rows = g.op("Reshape", [_embedding(g, recipe, embed), g.init("shape.rows", np.array([-1, H], np.int64))], name="embed/rows")
+    hidden = rows
+    ids_shape = g.op("Shape", ["input_ids"], name="ids_shape")
+    qkv_width = (nh + 2 * nkv) * hd
+    qkv_shape = g.op("Concat", [ids_shape, g.init("shape.qkv", np.array([qkv_width], np.int64))], axis=0, name="qkv_shape")
+    attn_rows = g.init("shape.attn_rows", np.array([-1, nh * hd], np.int64))
 
     residual = None
     x = None
@@ -187,6 +197,7 @@ def build_decoder(
         if a + "q_proj.bias" in weights:
             bias = np.concatenate([weights[a + f"{t}_proj.bias"] for t in "qkv"])
         qkv = lin(x, [weights[a + f"{t}_proj.weight"] for t in "qkv"], f"layer{i}.attn.qkv", bias=bias)
+        qkv = g.op("Reshape", [qkv, qkv_shape], name=f"layer{i}/attn/in")
         attn, _, _ = g.op(
             "GroupQueryAttention",
             [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", "rope.cos", "rope.sin"],
@@ -194,6 +205,7 @@ def build_decoder(
             num_heads=nh, kv_num_heads=nkv, scale=1.0 / math.sqrt(hd), do_rotary=1, rotary_interleaved=0,
             local_window_size=cfg.sliding_window or -1,
         )
+        attn = g.op("Reshape", [attn, attn_rows], name=f"layer{i}/attn/rows")
         o = lin(attn, [weights[a + "o_proj.weight"]], f"layer{i}.attn.o")
 
         ln_post = g.init(p + "post_attention_layernorm.weight", weights[p + "post_attention_layernorm.weight"].astype(np.float32))
@@ -208,7 +220,7 @@ def build_decoder(
             progress(1)
 
     normed, _ = _skip_norm(g, x, residual, g.init("model.norm.weight", weights["model.norm.weight"].astype(np.float32)), cfg, "final_norm")
-    picked = g.op("Gather", [normed, "logits_index"], axis=1, name="pick_positions")
+    picked = g.op("Gather", [normed, "logits_index"], axis=0, name="pick_rows")
     _lm_head(g, recipe, picked, lm_head, tied=cfg.tie_word_embeddings)
 
     graph = helper.make_graph(g.nodes, "jishi_decoder", inputs, outputs, g.inits)
@@ -246,11 +258,7 @@ def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: b
             table = "model.embed_tokens.weight"
             if recipe.name == "fp16":
                 table = g.op("Cast", [table], to=TensorProto.FLOAT, name="lm_head/cast")
-            flat = g.op("Reshape", [x, g.init("lm_head.flat", np.array([-1, weight.shape[1]], np.int64))], name="lm_head/flat")
-            y = g.op("Gemm", [flat, table], transB=1, name="lm_head/gemm")
-            shape = g.op("Shape", [x], end=2, name="lm_head/shape")
-            out_shape = g.op("Concat", [shape, g.init("lm_head.vocab", np.array([weight.shape[0]], np.int64))], axis=0, name="lm_head/out_shape")
-            g.op("Reshape", [y, out_shape], name="lm_head/unflat", outputs=["logits"])
+            g.op("Gemm", [x, table], transB=1, name="lm_head/gemm", outputs=["logits"])
             return
         wt = np.ascontiguousarray(weight.T)
         w = g.init("lm_head.weight", wt.astype(np.float16 if recipe.name == "fp16" else np.float32))

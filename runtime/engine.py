@@ -47,7 +47,7 @@ class Engine:
         self._seqlens = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)
         self._last = np.zeros((1,), np.int64)
-        self._logits = np.zeros((1, 1, cfg.vocab_size), np.float32)
+        self._logits = np.zeros((1, cfg.vocab_size), np.float32)
         self._step_values = {
             "input_ids": ort.OrtValue.ortvalue_from_numpy(self._ids),
             "seqlens_k": ort.OrtValue.ortvalue_from_numpy(self._seqlens),
@@ -90,7 +90,7 @@ class Engine:
         self._total[...] = pos + 1
         self.session.run_with_iobinding(self._io)
         self.tokens.append(token)
-        return self._logits[0, 0]
+        return self._logits[0]
 
     def feed(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
         """Feed several tokens after what the cache holds; logits of the last one, or of every one (n × vocab)."""
@@ -124,9 +124,9 @@ class Engine:
         io.bind_cpu_input("total_sequence_length", np.asarray(pos + n, dtype=np.int32))
         index = np.arange(n, dtype=np.int64) if all_logits else np.asarray([n - 1], dtype=np.int64)
         io.bind_cpu_input("logits_index", index)
-        logits = np.empty((1, index.size, self.cfg.vocab_size), dtype=np.float32)
+        logits = np.empty((index.size, self.cfg.vocab_size), dtype=np.float32)
         io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         del self.tokens[pos:]  # stays true if the run is interrupted
         self.session.run_with_iobinding(io)
         self.tokens.extend(chunk)
-        return logits[0]
+        return logits

@@ -1,0 +1,111 @@
+"""Tiny randomly initialised Llama-family models, saved as Hugging Face directories.
+
+Each comes with a small byte-level BPE tokenizer trained here on Python's own
+documentation text and a ChatML chat template, so bundles built from them go
+through exactly the code paths of a real base.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VOCAB = 384
+
+FAMILIES = {
+    # name: (transformers config class name, extra config)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"tie_word_embeddings": False, "sliding_window": None}),
+}
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from jishi.heldout import calibration_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([calibration_text()[:60_000]], trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return _train_tokenizer()
+
+
+def make_tiny(family: str, out: Path, tokenizer, layers: int = 2, seed: int = 0, **overrides) -> Path:
+    import torch
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    cfg_name, model_name, extra = FAMILIES[family]
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        rms_norm_eps=1e-5,
+    )
+    kw.update(extra)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    config = getattr(transformers, cfg_name)(**kw)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            else:  # norm weights: away from 1 so that their handling is tested
+                p.normal_(1.0, 0.2)
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(out)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token=None, pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny(f, root / f, tiny_tokenizer) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory, tiny_dirs):
+    """fp32 and int4 bundles of the tiny Llama (context 256)."""
+    from jishi.pipeline import build
+
+    root = tmp_path_factory.mktemp("bundles")
+    return {
+        q: build(str(tiny_dirs["llama"]), q, root / f"llama-{q}", context=256, evaluate=False, quiet=True)
+        for q in ("fp32", "int4")
+    }

@@ -1,0 +1,136 @@
+"""The exported graph against PyTorch, on tiny models of each supported family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# fp32 graph vs PyTorch fp32: both sum the same products in a different order.
+ATOL = 1e-4
+
+
+def _torch_model(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+def _bundle(tmp_path, base, quant="fp32", **kw):
+    from jishi.pipeline import build
+
+    return build(str(base), quant, tmp_path / f"b-{quant}", context=128, evaluate=False, quiet=True, **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_fp32_logits_match_torch_prefill_and_every_decode_step(family, tiny_dirs, tmp_path):
+    import jishi
+
+    ref_model = _torch_model(tiny_dirs[family])
+    model = jishi.load(_bundle(tmp_path, tiny_dirs[family]))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, model.manifest.config.vocab_size, size=40).tolist()
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids])).logits[0].numpy()
+
+    engine = model.engine
+    prefill = engine.feed(ids[:24], all_logits=True)
+    np.testing.assert_allclose(prefill, ref[:24], atol=ATOL, rtol=0)
+    for t in range(24, 36):  # one token at a time, cache bound in place
+        np.testing.assert_allclose(engine.step(ids[t]), ref[t], atol=ATOL, rtol=0)
+    # a multi-token chunk after a filled cache (the next turn of a chat)
+    np.testing.assert_allclose(engine.feed(ids[36:], all_logits=True), ref[36:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_generation_matches_transformers_generate(family, tiny_dirs, tmp_path):
+    import jishi
+
+    ref_model = _torch_model(tiny_dirs[family])
+    model = jishi.load(_bundle(tmp_path, tiny_dirs[family]))
+    prompt = "Return the value of the expression"
+    ids = model.tokenizer.encode(prompt)
+    with torch.no_grad():
+        out = ref_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    expected = out.sequences[0, len(ids):].tolist()
+    margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores]
+
+    engine = model.engine
+    engine.reset()
+    logits = engine.feed(ids)
+    got = []
+    for _ in range(len(expected)):
+        got.append(int(np.argmax(logits)))
+        logits = engine.step(got[-1])
+    compare_greedy(got, expected, margins)
+
+
+def compare_greedy(got: list[int], expected: list[int], margins: list[float], tol: float = ATOL) -> None:
+    """Equal tokens, except from a step where PyTorch's top-2 margin is within the tolerance."""
+    for step, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            assert margins[step] < tol, f"token {step} differs ({a} vs {b}) with a top-2 margin of {margins[step]:.2e}"
+            return
+    assert len(got) == len(expected)
+
+
+def _dequantized_reference(model, quant):
+    """The torch model with the exact weights the quantized graph stores (dequantized)."""
+    from jishi.export.quant import quantize_asymmetric, quantize_symmetric_int8
+
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                w = mod.weight.numpy()
+                qw = quantize_asymmetric(w, 4, 32, correct=True) if quant == "int4" else quantize_asymmetric(w, 8, 32, correct=False)
+                mod.weight.copy_(torch.from_numpy(qw.dequantize()))
+        for emb in {id(model.model.embed_tokens.weight): model.model.embed_tokens.weight,
+                    id(model.lm_head.weight): model.lm_head.weight}.values():
+            emb.copy_(torch.from_numpy(quantize_symmetric_int8(emb.numpy()).dequantize()))
+    return model
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_quantized_graph_computes_with_exactly_its_quantized_weights(family, quant, tiny_dirs, tmp_path):
+    """At accuracy level 0 (float activations) the int4/int8 graph is the dequantized model, tightly."""
+    from jishi.export.from_torch import model_config, numpy_weights, rotary
+    from jishi.export.graph import QuantRecipe, build_decoder, save_model
+    from jishi.runtime.engine import Engine, make_session
+
+    model = _torch_model(tiny_dirs[family])
+    cfg = model_config(model.config, 128)
+    inv_freq, scaling = rotary(model)
+    graph = build_decoder(cfg, numpy_weights(model), inv_freq, QuantRecipe(quant, accuracy_level=0), scaling)
+    save_model(graph, tmp_path / "model.onnx")
+    engine = Engine(make_session(tmp_path / "model.onnx", 1), cfg, 128)
+
+    ids = list(range(5, 69))
+    with torch.no_grad():
+        expected = _dequantized_reference(model, quant)(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(engine.feed(ids, all_logits=True), expected, atol=ATOL, rtol=0)
+
+
+def test_fp16_bundle_is_half_the_size_and_close(tiny_dirs, tmp_path):
+    import jishi
+
+    fp32 = _bundle(tmp_path, tiny_dirs["qwen2"], "fp32")
+    fp16 = _bundle(tmp_path, tiny_dirs["qwen2"], "fp16")
+    size = lambda p: (p / "model.onnx.data").stat().st_size
+    assert size(fp16) < 0.55 * size(fp32)
+    ids = list(range(10, 40))
+    a = jishi.load(fp32).engine.feed(ids, all_logits=True)
+    b = jishi.load(fp16).engine.feed(ids, all_logits=True)
+    np.testing.assert_allclose(a, b, atol=5e-3)
+
+
+def test_unsupported_family_is_refused(tmp_path, tiny_tokenizer):
+    from jishi.errors import BaseModelError
+    from jishi.pipeline import build
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(BaseModelError, match="'gpt2' model; jishi supports the Llama family"):
+        build(str(tmp_path / "gpt2"), "fp32", tmp_path / "out", evaluate=False, quiet=True)
+    assert not (tmp_path / "out").exists()
