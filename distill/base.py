@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jishi.errors import BaseModelError
@@ -60,6 +60,7 @@ class LoadedBase:
     eos_token_ids: list[int]
     source: str  # path it was loaded from
     source_sha256: str | None
+    reference_stats: dict = field(default_factory=dict)  # held-out figures of this model, by window shape
 
 
 def cache_dir() -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jishi.errors import JishiError
-from jishi.heldout import heldout_text, windows
+from jishi.heldout import WINDOW, heldout_text, windows
 
 DEFAULT_CONTEXT = 2048
 
@@ -21,7 +21,7 @@ def default_output(name: str, quant: str) -> Path:
 
 
 def build(
-    base: str | None = None,
+    base=None,
     quant: str = "int4",
     output: str | Path | None = None,
     name: str | None = None,
@@ -29,10 +29,15 @@ def build(
     evaluate: bool = True,
     quiet: bool = False,
 ) -> Path:
-    """Build a bundle from a base model; returns its directory."""
+    """Build a bundle from a base model; returns its directory.
+
+    ``base`` is a known name, a GGUF file, a Hugging Face directory, or a base
+    already loaded with ``jishi.distill.base.load_base`` (to build several
+    bundles from one load).
+    """
     from tqdm import tqdm
 
-    from jishi.distill.base import load_base
+    from jishi.distill.base import LoadedBase, load_base
     from jishi.export.bundle_writer import publish, staging_dir, with_files, write_manifest
     from jishi.export.from_torch import model_config, numpy_weights, rotary
     from jishi.export.graph import QUANTS, QuantRecipe, build_decoder, save_model
@@ -45,8 +50,11 @@ def build(
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
 
     t0 = time.time()
-    say("Loading the base model…")
-    base_model = load_base(base)
+    if isinstance(base, LoadedBase):
+        base_model = base
+    else:
+        say("Loading the base model…")
+        base_model = load_base(base)
     cfg = model_config(base_model.model.config, context)
     name = name or base_model.name
     target = Path(output) if output else default_output(name, quant)
@@ -95,7 +103,7 @@ def build(
         write_manifest(staging, manifest)
         if evaluate:
             say("Measuring quality on held-out text…")
-            manifest = replace(manifest, evaluation=evaluate_bundle(staging, base_model.model, quiet=quiet))
+            manifest = replace(manifest, evaluation=evaluate_bundle(staging, base_model, quiet=quiet))
             write_manifest(staging, manifest)
         publish(staging, target)
     except BaseException:
@@ -105,8 +113,11 @@ def build(
     return target
 
 
-def evaluate_bundle(bundle_dir: Path, reference_model, quiet: bool = False, max_windows: int | None = None) -> dict:
-    """Perplexity of the bundle and of the torch reference on the held-out text, and their top-1 agreement."""
+def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: int | None = None) -> dict:
+    """Perplexity of the bundle and of the torch base on the held-out text, and their top-1 agreement.
+
+    The base's figures are computed once per base and window size and kept on it.
+    """
     from tqdm import tqdm
 
     from jishi.distill.evaluate import reference_stats
@@ -114,11 +125,16 @@ def evaluate_bundle(bundle_dir: Path, reference_model, quiet: bool = False, max_
 
     model = load(bundle_dir)
     ids = model.tokenizer.encode(heldout_text(), bos=False)
-    wins = windows(ids)[:max_windows]
+    wins = windows(ids, min(WINDOW, model.context))[:max_windows]
     if not wins:
         raise JishiError("the held-out text is shorter than one window for this tokenizer")
-    with tqdm(total=2 * len(wins), desc="Held-out windows", disable=quiet, file=sys.stderr) as bar:
-        ref_logp, ref_top = reference_stats(reference_model, wins, progress=bar.update)
+    cache = base.reference_stats
+    key = (len(wins), len(wins[0]))
+    todo = len(wins) * (1 + (key not in cache))
+    with tqdm(total=todo, desc="Held-out windows", disable=quiet, file=sys.stderr) as bar:
+        if key not in cache:
+            cache[key] = reference_stats(base.model, wins, progress=bar.update)
+        ref_logp, ref_top = cache[key]
         nll, agree = 0.0, 0.0
         for win, top in zip(wins, ref_top):
             model.engine.reset()

@@ -51,7 +51,7 @@ def test_greedy_generation_matches_transformers_generate(family, tiny_dirs, tmp_
     prompt = "Return the value of the expression"
     ids = model.tokenizer.encode(prompt)
     with torch.no_grad():
-        out = ref_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+        out = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=24, do_sample=False, eos_token_id=None,
                                  pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     expected = out.sequences[0, len(ids):].tolist()
     margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores]
