@@ -12,7 +12,7 @@ import numpy as np
 from jishi.errors import BundleError, ContextLengthError
 from jishi.runtime.bundle import Bundle, open_bundle
 from jishi.runtime.engine import Engine, make_session
-from jishi.runtime.sampling import SamplingParams, sample
+from jishi.runtime.sampling import SamplingParams, SeenTokens, sample
 from jishi.runtime.tokenizer import TextStream, Tokenizer
 
 
@@ -163,14 +163,14 @@ class Model:
         engine = self.engine
         start = engine.reuse_prefix(ids)
         logits = engine.feed(ids[start:])
-        seen = set(ids) if params.repetition_penalty != 1.0 else None
+        seen = SeenTokens(self.manifest.config.vocab_size, ids) if params.repetition_penalty != 1.0 else None
         text = TextStream(self.tokenizer)
         pending = ""  # text held back because it may be the start of a stop string
         hold = max((len(s) for s in stops), default=1) - 1
         produced = 0
         finish = "length"
         while produced < budget:
-            token = sample(logits, params, rng, np.fromiter(seen, np.int64) if seen else None)
+            token = sample(logits, params, rng, seen.array if seen is not None else None)
             produced += 1
             if token in self.tokenizer.eos_ids:
                 finish = "stop"

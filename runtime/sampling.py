@@ -26,30 +26,49 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
-    """CTRL-style penalty on tokens already in the context: divide positive logits, multiply negative ones."""
-    if penalty == 1.0 or seen.size == 0:
-        return logits
-    logits = logits.copy()
-    vals = logits[seen]
-    logits[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    """CTRL-style penalty on tokens already in the context: divide positive logits, multiply negative ones.
+
+    Changes ``logits`` in place (the engine's buffer is rewritten by the next step anyway).
+    """
+    if penalty != 1.0 and seen.size:
+        vals = logits[seen]
+        logits[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
     return logits
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray | None = None) -> int:
-    """One token id from a vector of logits."""
+    """One token id from a vector of logits (which may be changed in place)."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / params.temperature
-    if params.top_k and params.top_k < scaled.size:
-        candidates = np.argpartition(scaled, -params.top_k)[-params.top_k:]
+    # Order is unchanged by a positive temperature: pick the top k on the raw logits.
+    if params.top_k and params.top_k < logits.size:
+        candidates = np.argpartition(logits, -params.top_k)[-params.top_k:]
     else:
-        candidates = np.arange(scaled.size)
-    order = candidates[np.argsort(-scaled[candidates], kind="stable")]
-    probs = np.exp(scaled[order] - scaled[order[0]])
+        candidates = np.arange(logits.size)
+    order = candidates[np.argsort(-logits[candidates], kind="stable")]
+    scaled = logits[order].astype(np.float64) / params.temperature
+    probs = np.exp(scaled - scaled[0])
     probs /= probs.sum()
     if params.top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
         order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
     return int(order[rng.choice(order.size, p=probs)])
+
+
+class SeenTokens:
+    """The distinct token ids of a context, kept as an array for the repetition penalty."""
+
+    def __init__(self, vocab_size: int, ids):
+        self._mask = np.zeros(vocab_size, dtype=bool)
+        self._ids: list[int] = []
+        for i in ids:
+            self.add(i)
+        self.array = np.asarray(self._ids, dtype=np.int64)
+
+    def add(self, token: int) -> None:
+        if 0 <= token < self._mask.size and not self._mask[token]:
+            self._mask[token] = True
+            self._ids.append(token)
+            self.array = np.asarray(self._ids, dtype=np.int64)
