@@ -1,0 +1,40 @@
+"""The folders map into one ``jishi`` namespace in a regular (wheel) install and an editable one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_editable_install_imports_from_the_top_level_folders():
+    import jishi.devices.cpu
+    import jishi.export.graph
+    import jishi.runtime.engine
+
+    assert Path(jishi.runtime.engine.__file__).resolve() == ROOT / "runtime" / "engine.py"
+    assert Path(jishi.export.graph.__file__).resolve() == ROOT / "export" / "graph.py"
+    assert Path(jishi.devices.cpu.__file__).resolve() == ROOT / "devices" / "cpu.py"
+
+
+def test_wheel_holds_every_module_under_jishi_and_imports_from_it(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    wheel = next(tmp_path.glob("jishi-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder, package in (("runtime", "runtime"), ("export", "export"), ("distill", "distill"), ("devices", "devices"), ("jishi", None)):
+        for py in (ROOT / folder).glob("*.py"):
+            inside = f"jishi/{package}/{py.name}" if package else f"jishi/{py.name}"
+            assert inside in names, f"{inside} missing from the wheel"
+    assert not any(n.startswith(("tests/", "bench/", "runtime/")) for n in names)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = "import jishi.runtime.engine as e, jishi.cli; print(e.__file__)"
+    done = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(str(site))
