@@ -5,6 +5,11 @@ present output of every layer, so GroupQueryAttention appends in place. The
 decode step's inputs and its logits output are bound to fixed buffers too: a
 step writes four numbers into numpy arrays and runs, with no allocation.
 
+The cache grows with the conversation (in steps of ``KV_STEP`` tokens, up to
+the context) instead of being allocated for the whole context at once: onnxruntime's
+attention scratch scales with the cache length, so a short chat on a small
+board stays small.
+
 The engine remembers which tokens its cache holds, so a request that starts
 with the same tokens (the next turn of a chat) only feeds what is new.
 """
@@ -20,6 +25,7 @@ from jishi.errors import ContextLengthError
 from jishi.runtime.manifest import ModelConfig
 
 PREFILL_CHUNK = 512  # tokens per prefill run: bounds the attention scratch memory
+KV_STEP = 256  # the cache grows by whole steps of this many positions
 
 
 def make_session(path: Path, threads: int, providers: list[str] | None = None) -> ort.InferenceSession:
@@ -37,10 +43,10 @@ class Engine:
         self.session = session
         self.cfg = cfg
         self.context = context
-        shape = (2 * cfg.num_layers, 1, cfg.num_kv_heads, context, cfg.head_dim)
-        self._kv = np.zeros(shape, dtype=np.float32)
-        self._kv_values = [ort.OrtValue.ortvalue_from_numpy(self._kv[i]) for i in range(shape[0])]
         self.tokens: list[int] = []  # what the cache holds, in order
+        self._io = session.io_binding()
+        self._kv = np.zeros((2 * cfg.num_layers, 1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
+        self._reserve(min(context, KV_STEP))
 
         # Fixed buffers for the one-token decode step.
         self._ids = np.zeros((1, 1), np.int64)
@@ -55,13 +61,29 @@ class Engine:
             "logits_index": ort.OrtValue.ortvalue_from_numpy(self._last),
         }
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
-        self._io = session.io_binding()
-        for i in range(cfg.num_layers):
+        self._bind_step()
+
+    @property
+    def capacity(self) -> int:
+        """Positions the cache has room for now (it grows up to the context)."""
+        return self._kv.shape[3]
+
+    def _reserve(self, needed: int) -> None:
+        """Make room for ``needed`` positions, keeping what the cache holds."""
+        if needed <= self.capacity:
+            return
+        steps = -(-max(needed, 2 * self.capacity) // KV_STEP)
+        size = min(self.context, steps * KV_STEP)
+        kv = np.zeros(self._kv.shape[:3] + (size, self._kv.shape[4]), dtype=np.float32)
+        kept = len(self.tokens)
+        kv[:, :, :, :kept] = self._kv[:, :, :, :kept]
+        self._kv = kv
+        self._kv_values = [ort.OrtValue.ortvalue_from_numpy(kv[i]) for i in range(kv.shape[0])]
+        for i in range(self.cfg.num_layers):
             for j, kind in enumerate(("key", "value")):
                 value = self._kv_values[2 * i + j]
                 self._io.bind_ortvalue_input(f"past_{kind}.{i}", value)
                 self._io.bind_ortvalue_output(f"present_{kind}.{i}", value)
-        self._bind_step()
 
     def _bind_step(self) -> None:
         for name, value in self._step_values.items():
@@ -85,6 +107,8 @@ class Engine:
         pos = len(self.tokens)
         if pos >= self.context:
             raise ContextLengthError(f"the context window of {self.context} tokens is full")
+        if pos >= self.capacity:
+            self._reserve(pos + 1)
         self._ids[0, 0] = token
         self._seqlens[0] = pos
         self._total[...] = pos + 1
@@ -102,6 +126,7 @@ class Engine:
             )
         if len(ids) == 1 and not all_logits:
             return self.step(ids[0]).copy()
+        self._reserve(len(self.tokens) + len(ids))
         out = []
         try:
             for start in range(0, len(ids), PREFILL_CHUNK):

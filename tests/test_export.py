@@ -134,3 +134,23 @@ def test_unsupported_family_is_refused(tmp_path, tiny_tokenizer):
     with pytest.raises(BaseModelError, match="'gpt2' model; jishi supports the Llama family"):
         build(str(tmp_path / "gpt2"), "fp32", tmp_path / "out", evaluate=False, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_cache_grows_with_the_conversation_and_keeps_its_contents(tiny_dirs, tmp_path):
+    """The KV cache starts small and grows in steps; logits across a growth are unchanged."""
+    import jishi
+    from jishi.pipeline import build
+    from jishi.runtime.engine import KV_STEP
+
+    ref_model = _torch_model(tiny_dirs["llama"])
+    model = jishi.load(build(str(tiny_dirs["llama"]), "fp32", tmp_path / "b", context=512, evaluate=False, quiet=True))
+    ids = np.random.default_rng(2).integers(3, 300, size=300).tolist()
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids])).logits[0].numpy()
+    engine = model.engine
+    assert engine.capacity == KV_STEP
+    np.testing.assert_allclose(engine.feed(ids[:250], all_logits=True), ref[:250], atol=ATOL, rtol=0)
+    for t in range(250, 270):  # crosses position 256: the cache grows while decoding
+        np.testing.assert_allclose(engine.step(ids[t]), ref[t], atol=ATOL, rtol=0)
+    assert engine.capacity == 2 * KV_STEP
+    np.testing.assert_allclose(engine.feed(ids[270:], all_logits=True), ref[270:], atol=ATOL, rtol=0)
