@@ -64,6 +64,41 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--context", type=int, help="context window (default: the bundle's)")
         r.set_defaults(func=_run if name == "run" else _chat)
 
+    k = sub.add_parser("keygen", help="write an Ed25519 key pair for signing bundles")
+    k.add_argument("-o", "--output", required=True, help="PREFIX: writes PREFIX (private) and PREFIX.pub")
+    k.set_defaults(func=_keygen)
+
+    s = sub.add_parser("sign", help="sign a bundle directory (again, after it changed)")
+    s.add_argument("bundle")
+    s.add_argument("--key", required=True, help="private key from `jishi keygen`")
+    s.set_defaults(func=_sign)
+
+    pk = sub.add_parser("pack", help="pack a bundle into one .jishi archive")
+    pk.add_argument("bundle")
+    pk.add_argument("-o", "--output", required=True, help="archive to write (FILE.jishi)")
+    pk.add_argument("--sign", metavar="KEY", help="sign with this private key first")
+    pk.set_defaults(func=_pack)
+
+    v = sub.add_parser("verify", help="check every file's hash and the signature of a bundle or archive")
+    v.add_argument("path", help="bundle directory or .jishi archive")
+    v.add_argument("--key", help="public key the bundle must be signed with")
+    v.set_defaults(func=_verify)
+
+    ins = sub.add_parser("install", help="verify and install a .jishi archive (or bundle directory)")
+    ins.add_argument("path")
+    ins.add_argument("--prefix", help="where installed models live (default: the user's data directory)")
+    ins.add_argument("--key", help="public key the bundle must be signed with")
+    ins.set_defaults(func=_install)
+
+    ls = sub.add_parser("list", help="installed models")
+    ls.add_argument("--prefix")
+    ls.set_defaults(func=_list)
+
+    rm = sub.add_parser("remove", help="remove an installed model")
+    rm.add_argument("name")
+    rm.add_argument("--prefix")
+    rm.set_defaults(func=_remove)
+
     i = sub.add_parser("info", help="summarise a bundle")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -145,6 +180,82 @@ def _chat(args) -> int:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+def _keygen(args) -> int:
+    from jishi.export.signing import keygen
+
+    private, public = keygen(args.output)
+    print(f"private key: {private} (keep it secret)\npublic key:  {public} (copy it to the devices)")
+    return 0
+
+
+def _sign(args) -> int:
+    from jishi.export.signing import sign_bundle
+
+    print(sign_bundle(args.bundle, args.key))
+    return 0
+
+
+def _pack(args) -> int:
+    from jishi.export.pack import pack_bundle
+
+    out = pack_bundle(args.bundle, args.output, sign_key=args.sign)
+    print(f"{out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def _verify(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from jishi.runtime.archive import unpack
+    from jishi.runtime.bundle import open_bundle
+
+    path = Path(args.path)
+    with tempfile.TemporaryDirectory(prefix="jishi-verify-") as tmp:
+        if path.is_file():
+            unpack(path, Path(tmp))
+            path = Path(tmp)
+        bundle = open_bundle(path, key=args.key)
+        if args.key:
+            sig = f"signature valid ({Path(args.key).name})"
+        else:
+            sig = "signed (signature not checked: pass --key)" if bundle.signed else "not signed"
+        print(f"OK  {bundle.manifest.name}: {len(bundle.manifest.files)} files, "
+              f"{bundle.size / 1e6:.1f} MB, every sha256 matches; {sig}")
+    return 0
+
+
+def _install(args) -> int:
+    from jishi.runtime.store import install
+
+    path = install(args.path, prefix=args.prefix, key=args.key)
+    if not args.key:
+        print("warning: installed without checking a signature (pass --key PUB to require one)", file=sys.stderr)
+    print(f"installed {path.name.split('@')[0]} → {path}")
+    return 0
+
+
+def _list(args) -> int:
+    from jishi.runtime.store import list_installed, models_dir
+
+    rows = list_installed(args.prefix)
+    if not rows:
+        print(f"no models installed in {models_dir(args.prefix)}")
+        return 0
+    w = max(len(r.name) for r in rows)
+    print(f"{'name':<{w}}  {'quant':<5}  {'size':>9}  signed  path")
+    for r in rows:
+        print(f"{r.name:<{w}}  {r.quantization:<5}  {r.size / 1e6:7.1f} MB  {'yes' if r.signed else 'no ':<6}  {r.path}")
+    return 0
+
+
+def _remove(args) -> int:
+    from jishi.runtime.store import remove
+
+    print(f"removed {remove(args.name, args.prefix)}")
+    return 0
 
 
 def _info(args) -> int:

@@ -62,7 +62,12 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def open_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
+def open_bundle(root: str | Path, verify_hashes: bool = True, key: str | Path | None = None) -> Bundle:
+    """Verify and open a bundle directory.
+
+    With ``key`` (a public key file) the bundle must carry a valid signature by it;
+    the signature is checked on the manifest's bytes before they are parsed.
+    """
     root = Path(root)
     if not root.exists():
         raise BundleError(f"no bundle at {root}: the path does not exist")
@@ -72,6 +77,13 @@ def open_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     if mpath.is_symlink() or not mpath.is_file():
         raise BundleError(f"{root} has no {MANIFEST}: not a jishi bundle (build one with `jishi build`)")
     raw = mpath.read_bytes()
+    if key is not None:
+        from jishi.runtime.signing import verify_signature
+
+        spath = root / SIGNATURE
+        if spath.is_symlink():
+            raise BundleError(f"{SIGNATURE} in the bundle is a symbolic link; refusing it")
+        verify_signature(raw, spath.read_bytes() if spath.is_file() else None, key)
     manifest = Manifest.from_json(raw)
     for name, entry in manifest.files.items():
         path = _no_links(root, check_relative(name))
