@@ -32,11 +32,11 @@ def verify_signature(manifest_bytes: bytes, signature: bytes | None, public_key_
     """Raise SignatureError unless ``signature`` is the key's signature of the manifest."""
     from cryptography.exceptions import InvalidSignature
 
+    key = load_public_key(public_key_path)
     if signature is None:
         raise SignatureError("the bundle is not signed, but a key was given: refusing it (sign it with `jishi sign`)")
     if len(signature) != SIGNATURE_SIZE:
         raise SignatureError(f"manifest.sig is {len(signature)} bytes, not an Ed25519 signature ({SIGNATURE_SIZE} bytes)")
-    key = load_public_key(public_key_path)
     try:
         key.verify(signature, manifest_bytes)
     except InvalidSignature:

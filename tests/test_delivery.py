@@ -217,7 +217,7 @@ def test_signatures(tmp_path, versions, keys, prefix):
     sig.write_bytes(b"short")
     with pytest.raises(SignatureError, match="not an Ed25519 signature"):
         open_bundle(work, key=public)
-    with pytest.raises(SignatureError, match="is not an Ed25519 public key"):
+    with pytest.raises(SignatureError, match="cannot read the public key .*school"):
         open_bundle(work, key=private)
     assert_v1_intact(prefix, versions)
 
@@ -245,9 +245,9 @@ def test_install_killed_at_random_moments_never_breaks_the_store(tmp_path, versi
               "from jishi.cli import main; main()")
     rng = random.Random(0)
     outcomes = set()
-    for _ in range(8):
+    for _ in range(12):
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.5))
+        time.sleep(rng.uniform(0.05, 0.8))  # the install itself takes about half a second
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         path = installed_path("tiny", prefix)
