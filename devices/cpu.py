@@ -24,13 +24,15 @@ def _cgroup_cpus() -> float | None:
     return None
 
 
-def physical_cores(cpuinfo: str | None = None) -> int:
+def physical_cores(cpuinfo: str | None = None, logical: int | None = None, quota: float | None = -1) -> int:
     """Physical cores available to this process (hyper-threads share a core's matrix units).
 
     Counts distinct (physical id, core id) pairs in /proc/cpuinfo where it has them,
     bounded by the CPU affinity mask and any cgroup quota; ``os.cpu_count()`` elsewhere.
+    ``logical`` and ``quota`` override what this process is allowed (for recorded files).
     """
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if logical is None:
+        logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -54,7 +56,8 @@ def physical_cores(cpuinfo: str | None = None) -> int:
     count = len(cores) if cores and siblings else logical
     if cores and siblings:
         count = max(1, round(count * logical / siblings))  # scale to the CPUs we may use
-    quota = _cgroup_cpus()
+    if quota == -1:
+        quota = _cgroup_cpus()
     if quota is not None:
         count = min(count, max(1, int(quota)))
     return max(1, min(count, logical))

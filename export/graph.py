@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from jishi.errors import BaseModelError
 from jishi.export.quant import QuantizedWeight, concat_outputs, quantize_asymmetric, quantize_symmetric_int8
 from jishi.runtime.manifest import ModelConfig
 
@@ -148,6 +149,7 @@ def build_decoder(
     progress: Callable[[int], None] | None = None,
 ) -> onnx.ModelProto:
     """The decoder graph of ``cfg`` with ``weights`` (Hugging Face Llama names, numpy)."""
+    weights = _Tracked(weights)
     g = _Graph()
     lin = _Linear(g, recipe)
     hd, nh, nkv, H = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size
@@ -223,10 +225,29 @@ def build_decoder(
     picked = g.op("Gather", [normed, "logits_index"], axis=0, name="pick_rows")
     _lm_head(g, recipe, picked, lm_head, tied=cfg.tie_word_embeddings)
 
+    unused = sorted(k for k in set(weights) - weights.used if not k.endswith("rotary_emb.inv_freq")
+                    and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
+    if unused:
+        raise BaseModelError(
+            f"the model has weights jishi's exporter does not handle ({', '.join(unused[:4])}"
+            f"{', ...' if len(unused) > 4 else ''}); this variant of the {cfg.family} family is not supported"
+        )
     graph = helper.make_graph(g.nodes, "jishi_decoder", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
     model.ir_version = 10
     return model
+
+
+class _Tracked(dict):
+    """The weights, remembering which were read: any left over means an unsupported layer part."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.used: set[str] = set()
+
+    def __getitem__(self, key):
+        self.used.add(key)
+        return super().__getitem__(key)
 
 
 def _skip_norm(g: _Graph, x: str, residual: str, gamma: str, cfg: ModelConfig, name: str) -> tuple[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -14,6 +13,9 @@ from jishi.errors import JishiError
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # model text on a console that cannot show it: never crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -27,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # e.g. `jishi run ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
@@ -98,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     rm.add_argument("--prefix")
     rm.set_defaults(func=_remove)
+
+    d = sub.add_parser("devices", help="known device profiles; `jishi devices detect` describes this machine")
+    d.add_argument("action", nargs="?", choices=["list", "detect"], default="list")
+    d.set_defaults(func=_devices)
+
+    pl = sub.add_parser("plan", help="estimate memory and speed of each quantization on a device")
+    pl.add_argument("model", help="bundle, installed name, Hugging Face directory, GGUF file or known base")
+    pl.add_argument("--device", default="detect", help="profile id (see `jishi devices`) or 'detect' (default)")
+    pl.add_argument("--context", type=int, default=2048)
+    pl.set_defaults(func=_plan)
 
     i = sub.add_parser("info", help="summarise a bundle")
     i.add_argument("bundle")
@@ -170,7 +183,11 @@ def _chat(args) -> int:
             convo.reset()
             print("(conversation cleared)", file=sys.stderr)
             continue
-        stream = convo.send(text, **_sampling(args))
+        try:
+            stream = convo.send(text, **_sampling(args))
+        except JishiError as e:  # e.g. a message too long for the context: say so, keep chatting
+            print(f"jishi: {e}", file=sys.stderr)
+            continue
         try:
             for piece in stream:
                 sys.stdout.write(piece)
@@ -256,6 +273,83 @@ def _remove(args) -> int:
 
     print(f"removed {remove(args.name, args.prefix)}")
     return 0
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _devices(args) -> int:
+    from jishi.devices.detect import best_profile, detect
+    from jishi.devices.profiles import load_profiles
+
+    if args.action == "detect":
+        machine = detect()
+        rows = machine.describe()
+        match = best_profile(machine)
+        rows.append(("closest profile", f"{match.id} ({match.name})" if match else "none of this architecture"))
+        w = max(len(k) for k, _ in rows)
+        print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+        return 0
+    rows = [[p.id, p.arch, str(p.cores), f"{p.ram_gb:g} GB", f"{p.bandwidth_gbs:.0f} GB/s", ", ".join(p.isa), p.name]
+            for p in load_profiles()]
+    print(_table(["id", "arch", "cores", "RAM", "bandwidth", "ISA", "device"], rows))
+    return 0
+
+
+def _model_shape(spec: str):
+    import json as _json
+    from pathlib import Path
+
+    from jishi.devices.plan import ModelShape
+    from jishi.runtime.bundle import open_bundle
+    from jishi.runtime.model import resolve_bundle
+
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        c = _json.loads((path / "config.json").read_text())
+        heads = c["num_attention_heads"]
+        return ModelShape(path.name, c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
+                          c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads,
+                          c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
+    if path.suffix == ".gguf" or (not path.exists() and spec.lower() in _known_bases()):
+        from jishi.distill.base import load_config_only
+
+        return load_config_only(spec)
+    m = open_bundle(resolve_bundle(spec), verify_hashes=False).manifest
+    return ModelShape.from_config(m.name, m.config)
+
+
+def _known_bases():
+    try:
+        from jishi.distill.base import KNOWN_BASES
+    except ImportError:
+        return {}
+    return KNOWN_BASES
+
+
+def _plan(args) -> int:
+    from jishi.devices.detect import best_profile, detect
+    from jishi.devices.plan import plan
+    from jishi.devices.profiles import get_profile
+
+    if args.device == "detect":
+        profile = best_profile(detect())
+        if profile is None:
+            raise JishiError("no device profile matches this machine; pass --device (see `jishi devices`)")
+    else:
+        profile = get_profile(args.device)
+    shape = _model_shape(args.model)
+    rows, best, why = plan(shape, profile, args.context)
+    print(f"{shape.name} on {profile.name} ({profile.id}): {profile.ram_gb:g} GB, "
+          f"{profile.bandwidth_gbs:.0f} GB/s, context {args.context}\n")
+    table = [[r.quant, f"{r.weights_bytes / 2**20:.0f} MB", f"{r.kv_bytes / 2**20:.0f} MB", f"{r.memory_bytes / 2**20:.0f} MB",
+              f"{r.tokens_per_s:.0f}", "yes" if r.fits else "NO"] for r in rows]
+    print(_table(["quant", "weights", "KV cache", "total", "decode tok/s", "fits"], table))
+    print(f"\nrecommended: {why}" if best else f"\n{why}")
+    return 0 if best else 1
 
 
 def _info(args) -> int:

@@ -38,7 +38,7 @@ def build(
     from tqdm import tqdm
 
     from jishi.distill.base import LoadedBase, load_base
-    from jishi.export.bundle_writer import publish, staging_dir, with_files, write_manifest
+    from jishi.export.bundle_writer import check_target, publish, staging_dir, with_files, write_manifest
     from jishi.export.from_torch import model_config, numpy_weights, rotary
     from jishi.export.graph import QUANTS, QuantRecipe, build_decoder, save_model
     from jishi.runtime.manifest import GraphInfo, Manifest, TokenizerInfo
@@ -65,6 +65,7 @@ def build(
         graph = build_decoder(cfg, weights, inv_freq, recipe, attention_scaling, progress=bar.update)
     del weights
 
+    check_target(target)
     staging = staging_dir(target)
     try:
         save_model(graph, staging / "model.onnx")

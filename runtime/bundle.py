@@ -40,7 +40,8 @@ class Bundle:
 def check_relative(name: str) -> PurePosixPath:
     """A manifest path must be relative, use '/', and stay inside the bundle."""
     p = PurePosixPath(name)
-    if not name or "\\" in name or p.is_absolute() or ".." in p.parts or name.startswith("~") or ":" in p.parts[0]:
+    if (not name or "\\" in name or p.is_absolute() or ".." in p.parts or name.startswith("~")
+            or any(":" in part or part.endswith((".", " ")) and part != "." for part in p.parts)):
         raise BundleError(f"the manifest names the file {name!r}, a path that leaves the bundle; refusing it")
     return p
 
@@ -99,13 +100,18 @@ def open_bundle(root: str | Path, verify_hashes: bool = True, key: str | Path | 
         rel = path.relative_to(root).as_posix()
         if path.is_symlink():
             raise BundleError(f"{rel} in the bundle is a symbolic link; refusing it")
-        if path.is_file() and rel not in listed:
+        if path.is_file() and rel not in listed and not _os_clutter(path.name):
             raise BundleError(f"{rel} is in the bundle but not in its manifest; remove it or rebuild the bundle")
     for name in (manifest.graph.file, manifest.graph.data_file, manifest.tokenizer.file):
         if name is not None and name not in manifest.files:
             raise BundleError(f"the manifest refers to {name!r} but does not list it among its files")
     check_external_data(root / manifest.graph.file, root, set(manifest.files))
     return Bundle(root=root, manifest=manifest, manifest_bytes=raw)
+
+
+def _os_clutter(name: str) -> bool:
+    """Files that file managers and FAT/exFAT USB sticks add; never read by jishi."""
+    return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith("._")
 
 
 # --- ONNX external data, read straight from the protobuf wire format -------------------
@@ -214,9 +220,10 @@ def check_external_data(model_path: Path, root: Path, allowed: set[str]) -> None
         locations = external_data_locations(model_path.read_bytes())
     except ValueError as e:
         raise BundleError(f"{model_path.name} is not a readable ONNX model ({e}); the bundle is damaged") from None
+    base = PurePosixPath(model_path.relative_to(root).as_posix()).parent  # onnxruntime resolves beside the graph
     for loc in locations:
-        rel = check_relative(loc)
-        if rel.as_posix() not in allowed:
+        rel = base / check_relative(loc)
+        if ".." in rel.parts or rel.as_posix() not in allowed:
             raise BundleError(
                 f"{model_path.name} reads weights from {loc!r}, which is not a file of the bundle; refusing it"
             )

@@ -23,22 +23,29 @@ class Conversation:
         return ([{"role": "system", "content": self.system}] if self.system else []) + messages
 
     def fit(self) -> str:
-        """The prompt for the current messages, dropping whole old turns until it fits."""
-        budget = self.model.context - min(self.reserve, self.model.context // 2)
+        """The prompt for the current messages, dropping whole old turns until it fits.
+
+        The history is changed only when a prompt that fits is found.
+        """
+        reserve = min(self.reserve, self.model.context // 2)
+        budget = self.model.context - reserve
+        messages = list(self.messages)
         while True:
-            prompt = self.model.chat_prompt(self._with_system(self.messages))
-            if self.model.count_tokens(prompt) <= budget:
+            prompt = self.model.chat_prompt(self._with_system(messages))
+            if self.model.count_tokens(prompt, chat=True) <= budget:
+                self.messages = messages
                 return prompt
-            if len(self.messages) <= 1:
+            if len(messages) <= 1:
+                what = "the system prompt and this message" if self.system else "this message alone"
                 raise ContextLengthError(
-                    f"this message alone does not fit in the context window of {self.model.context} tokens "
-                    f"(with {self.reserve} kept for the answer); send a shorter one"
+                    f"{what} {'do' if self.system else 'does'} not fit in the context window of {self.model.context} tokens "
+                    f"(with {reserve} kept for the answer); send a shorter one"
                 )
             # Drop the oldest user turn and the replies up to the next user turn.
             drop = 1
-            while drop < len(self.messages) and self.messages[drop]["role"] != "user":
+            while drop < len(messages) and messages[drop]["role"] != "user":
                 drop += 1
-            del self.messages[:drop]
+            del messages[:drop]
 
     def send(self, text: str, **kwargs) -> "Reply":
         self.messages.append({"role": "user", "content": text})
@@ -48,7 +55,12 @@ class Conversation:
             self.messages.pop()
             raise
         kwargs.setdefault("max_new_tokens", self.reserve)
-        return Reply(self, self.model.stream(prompt, **kwargs))
+        try:
+            stream = self.model.stream(prompt, chat=True, **kwargs)
+        except BaseException:
+            self.messages.pop()
+            raise
+        return Reply(self, stream)
 
 
 class Reply:

@@ -132,7 +132,7 @@ class Engine:
             for start in range(0, len(ids), PREFILL_CHUNK):
                 chunk = ids[start:start + PREFILL_CHUNK]
                 last = start + len(chunk) == len(ids)
-                logits = self._run_chunk(chunk, all_logits or not last)
+                logits = self._run_chunk(chunk, all_logits)
                 if all_logits:
                     out.append(logits)
                 elif last:
@@ -151,7 +151,6 @@ class Engine:
         io.bind_cpu_input("logits_index", index)
         logits = np.empty((index.size, self.cfg.vocab_size), dtype=np.float32)
         io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        del self.tokens[pos:]  # stays true if the run is interrupted
         self.session.run_with_iobinding(io)
         self.tokens.extend(chunk)
         return logits

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from jishi.errors import BundleError, ContextLengthError
+from jishi.errors import BundleError, ContextLengthError, JishiError
 from jishi.runtime.bundle import Bundle, open_bundle
 from jishi.runtime.engine import Engine, make_session
 from jishi.runtime.sampling import SamplingParams, SeenTokens, sample
@@ -43,7 +43,8 @@ class Stream:
         try:
             return next(self._pieces)
         except StopIteration as stop:
-            self.result = stop.value
+            if stop.value is not None:
+                self.result = stop.value
             raise
 
     def close(self) -> None:
@@ -95,8 +96,9 @@ class Model:
 
     def generate(self, prompt: str, **kwargs) -> Result:
         stream = self.stream(prompt, **kwargs)
-        text = "".join(stream)
-        return Result(text, stream.result.finish_reason, stream.result.prompt_tokens, stream.result.completion_tokens)
+        for _ in stream:
+            pass
+        return stream.result
 
     def stream(
         self,
@@ -109,22 +111,33 @@ class Model:
         stop: str | Iterable[str] | None = None,
         seed: int | None = None,
         truncate: bool = False,
+        chat: bool = False,
     ) -> Stream:
-        ids = self.tokenizer.encode(prompt)
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        return Stream(self._generate(ids, max_new_tokens, params, _stops(stop), seed, truncate))
+        """Text pieces as they are generated. ``chat=True`` marks a prompt rendered by the chat
+        template, which writes its own special tokens (no BOS is added to it, as in transformers)."""
+        try:
+            params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+        except ValueError as e:
+            raise JishiError(str(e)) from None
+        if max_new_tokens < 1:
+            raise JishiError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        ids = self.tokenizer.encode(prompt, bos=False if chat else None)
+        if not ids:
+            raise JishiError("the prompt is empty")
+        ids = self._fit_prompt(ids, max_new_tokens, truncate)
+        return Stream(self._generate(ids, max_new_tokens, params, _stops(stop), seed))
 
     def chat(self, messages: list[dict], **kwargs) -> Result:
-        return self.generate(self.chat_prompt(messages), **kwargs)
+        return self.generate(self.chat_prompt(messages), chat=True, **kwargs)
 
     def chat_stream(self, messages: list[dict], **kwargs) -> Stream:
-        return self.stream(self.chat_prompt(messages), **kwargs)
+        return self.stream(self.chat_prompt(messages), chat=True, **kwargs)
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text))
+    def count_tokens(self, text: str, chat: bool = False) -> int:
+        return len(self.tokenizer.encode(text, bos=False if chat else None))
 
     def score(self, text: str) -> np.ndarray:
         """log p(token_i | tokens before it) for tokens 2..n of ``text`` (float64, n − 1 values)."""
@@ -143,22 +156,23 @@ class Model:
 
     # --- the loop --------------------------------------------------------------------
 
-    def _generate(self, ids, max_new_tokens, params, stops, seed, truncate):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        room = self.context - len(ids)
-        if room < 1:
-            if not truncate:
+    def _fit_prompt(self, ids: list[int], max_new_tokens: int, truncate: bool) -> list[int]:
+        """The prompt if it fits; with ``truncate``, its end (and BOS), leaving room for the answer."""
+        if not truncate:
+            if len(ids) >= self.context:
                 raise ContextLengthError(
                     f"the prompt is {len(ids)} tokens and the context window is {self.context}; shorten the "
                     "prompt, load with a larger context, or pass truncate=True to keep its end"
                 )
-            keep = max(1, self.context - min(max_new_tokens, self.context // 2))
-            ids = ids[-keep:]
-            room = self.context - len(ids)
-        budget = min(max_new_tokens, room)
+            return ids
+        keep = max(1, self.context - min(max_new_tokens, self.context // 2))
+        if len(ids) <= keep:
+            return ids
+        head = ids[:1] if self.tokenizer.bos_id is not None and ids[0] == self.tokenizer.bos_id else []
+        return head + ids[len(ids) - keep + len(head):]
+
+    def _generate(self, ids, max_new_tokens, params, stops, seed):
+        budget = min(max_new_tokens, self.context - len(ids))
         rng = np.random.default_rng(seed)
         engine = self.engine
         start = engine.reuse_prefix(ids)
@@ -167,6 +181,7 @@ class Model:
         text = TextStream(self.tokenizer)
         pending = ""  # text held back because it may be the start of a stop string
         hold = max((len(s) for s in stops), default=1) - 1
+        said: list[str] = []
         produced = 0
         finish = "length"
         while produced < budget:
@@ -174,6 +189,7 @@ class Model:
             produced += 1
             if token in self.tokenizer.eos_ids:
                 finish = "stop"
+                pending += text.flush().rstrip("\ufffd")  # complete characters held with a partial one
                 break
             pending += text.add(token)
             if produced == budget:
@@ -184,15 +200,17 @@ class Model:
                 finish = "stop"
                 break
             if len(pending) > hold:
-                yield pending[: len(pending) - hold]
+                said.append(pending[: len(pending) - hold])
+                yield said[-1]
                 pending = pending[len(pending) - hold:]
             if seen is not None:
                 seen.add(token)
             if produced < budget:
                 logits = engine.step(token)
         if pending:
+            said.append(pending)
             yield pending
-        return Result("", finish, len(ids), produced)
+        return Result("".join(said), finish, len(ids), produced)
 
 
 def _stops(stop) -> tuple[str, ...]:

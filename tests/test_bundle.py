@@ -163,3 +163,26 @@ def test_context_larger_than_built_is_refused(tiny_bundles):
 
     with pytest.raises(ContextLengthError, match="between 1 and the bundle's 256 tokens"):
         jishi.load(tiny_bundles["fp32"], context=10_000)
+
+
+def test_files_that_usb_sticks_and_file_managers_add_are_ignored(bundle):
+    for name in (".DS_Store", "._model.onnx", "Thumbs.db"):
+        (bundle / name).write_bytes(b"\0junk")
+    assert open_bundle(bundle).manifest.name
+
+
+def test_build_never_writes_over_something_that_is_not_a_bundle(tiny_dirs, tmp_path):
+    from jishi.errors import JishiError
+    from jishi.pipeline import build
+
+    precious = tmp_path / "my-documents"
+    precious.mkdir()
+    (precious / "letter.txt").write_text("keep me")
+    with pytest.raises(JishiError, match="exists and is not a jishi bundle; choose another output path"):
+        build(str(tiny_dirs["llama"]), "fp32", precious, context=64, evaluate=False, quiet=True)
+    assert (precious / "letter.txt").read_text() == "keep me" and len(list(precious.iterdir())) == 1
+    # an existing bundle is replaced whole
+    out = build(str(tiny_dirs["llama"]), "fp32", tmp_path / "b", context=64, evaluate=False, quiet=True)
+    again = build(str(tiny_dirs["llama"]), "int8", out, context=64, evaluate=False, quiet=True)
+    assert open_bundle(again).manifest.graph.quantization["name"] == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "my-documents"]

@@ -154,3 +154,14 @@ def test_cache_grows_with_the_conversation_and_keeps_its_contents(tiny_dirs, tmp
         np.testing.assert_allclose(engine.step(ids[t]), ref[t], atol=ATOL, rtol=0)
     assert engine.capacity == 2 * KV_STEP
     np.testing.assert_allclose(engine.feed(ids[270:], all_logits=True), ref[270:], atol=ATOL, rtol=0)
+
+
+def test_weights_the_exporter_does_not_handle_are_refused(tmp_path, tiny_tokenizer):
+    """A Llama with MLP biases must not export silently without them."""
+    from conftest import make_tiny
+    from jishi.errors import BaseModelError
+    from jishi.pipeline import build
+
+    base = make_tiny("llama", tmp_path / "biased", tiny_tokenizer, mlp_bias=True)
+    with pytest.raises(BaseModelError, match="weights jishi's exporter does not handle .*mlp.down_proj.bias"):
+        build(str(base), "fp32", tmp_path / "out", context=64, evaluate=False, quiet=True)

@@ -170,3 +170,54 @@ def test_runtime_works_where_torch_cannot_be_imported(tiny_bundles):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok length"
+
+
+def test_chat_prompts_get_no_second_bos(tiny_bundles, tmp_path):
+    """A chat template writes its own special tokens: BOS is added to plain prompts only."""
+    import json
+    import shutil
+
+    copy = tmp_path / "bos"
+    shutil.copytree(tiny_bundles["fp32"], copy)
+    body = json.loads((copy / "manifest.json").read_text())
+    body["tokenizer"].update(add_bos=True, bos_token="<|im_start|>")
+    (copy / "manifest.json").write_text(json.dumps(body))
+    m = jishi.load(copy)
+    bos = m.tokenizer.bos_id
+    assert m.tokenizer.encode("Hi")[0] == bos and m.tokenizer.encode("Hi")[1] != bos
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt_ids = m.tokenizer.encode(m.chat_prompt(messages), bos=False)
+    assert prompt_ids[0] == bos and prompt_ids[1] != bos  # the template's own <|im_start|>, once
+    assert m.chat(messages, max_new_tokens=2, temperature=0).prompt_tokens == len(prompt_ids)
+    assert m.generate("Hi", max_new_tokens=2, temperature=0).prompt_tokens == len(m.tokenizer.encode("Hi", bos=False)) + 1
+
+
+def test_bad_arguments_fail_before_generation_with_a_clear_error(model):
+    from jishi.errors import JishiError
+
+    with pytest.raises(JishiError, match="top_p must be in"):
+        model.stream("Hi", top_p=0)
+    with pytest.raises(JishiError, match="max_new_tokens must be at least 1"):
+        model.generate("Hi", max_new_tokens=0)
+    with pytest.raises(JishiError, match="the prompt is empty"):
+        model.stream("")
+
+
+def test_a_message_too_long_keeps_the_conversation(tiny_bundles):
+    from jishi.errors import ContextLengthError
+    from jishi.runtime.chat import Conversation
+
+    m = jishi.load(tiny_bundles["fp32"], context=64)
+    convo = Conversation(m, reserve=8)
+    "".join(convo.send("Hello", temperature=0, max_new_tokens=4))
+    before = list(convo.messages)
+    with pytest.raises(ContextLengthError, match="this message alone does not fit in the context window of 64 tokens"):
+        convo.send("word " * 300)
+    assert convo.messages == before
+
+
+def test_result_holds_the_text_and_stays_after_iteration(model):
+    stream = model.stream("The value of", max_new_tokens=6, temperature=0)
+    text = "".join(stream)
+    assert stream.result.text == text and stream.result.completion_tokens == 6
+    assert list(stream) == [] and stream.result.text == text
