@@ -85,7 +85,7 @@ def detect(root: str | Path = "/", arch: str | None = None) -> Machine:
             isa += [_X86_FLAGS[f] for f in value.split() if f in _X86_FLAGS]
         elif key == "cpu part":
             parts.append(value.lower())
-        elif key in ("model name", "model") and not cpu_model:
+        elif key == "model name" or (key == "model" and not value.isdigit() and not cpu_model):
             cpu_model = value
     if not arch:
         arch = _normal_arch(platform.machine())

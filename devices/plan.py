@@ -5,11 +5,11 @@ layer (hundreds of small operator launches that a small model cannot hide):
 
     seconds per token = bytes read per token / memory bandwidth + layers × per-layer cost
 
-Both constants were measured on the project's build machine (AMD EPYC Zen 4, 2
-threads, 34 GB/s): SmolLM2-135M decodes at 94 tok/s as int4 (112 MB read per token)
+Both constants were measured on the project's build machine (an AMD EPYC virtual
+machine, 2 threads, 34 GB/s: profile build-vm-2core-24gb): SmolLM2-135M decodes at 94 tok/s as int4 (112 MB read per token)
 and 46 tok/s as fp32 (540 MB), which gives an achieved fraction of bandwidth of
 about 1.0 and 0.245 ms per layer. The per-layer cost scales with how fast one core
-is; ``CORE_SPEED`` holds rough ratios to a Zen 4 core (assumptions, not
+is; ``CORE_SPEED`` holds rough ratios to a core of that machine (assumptions, not
 measurements: refine them with measurements on the boards).
 """
 
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 from jishi.devices.profiles import Profile
 
-PER_LAYER_S = 0.245e-3  # measured on Zen 4 (see above)
+PER_LAYER_S = 0.245e-3  # measured on the build machine (see above)
 BANDWIDTH_FRACTION = 1.0  # of the profile's bandwidth that weight reads reach (measured: ~1.0)
 RUNTIME_OVERHEAD = 130 * 2**20  # Python, onnxruntime, tokenizer and prefill scratch: measured 130 MB
 FREE_FOR_OS = 0.85  # of RAM the model may use; the rest is left to the system
 
-# Rough single-core speed relative to a Zen 4 core (assumption; see the module docstring).
-CORE_SPEED = {"cortex-a72": 0.25, "cortex-a76": 0.5, "cortex-a78": 0.55, "apple-m1": 0.9, "x86-avx2": 0.6, "zen4": 1.0}
+# Rough single-core speed relative to a core of the build machine (assumption; see above).
+CORE_SPEED = {"cortex-a72": 0.25, "cortex-a76": 0.5, "cortex-a78": 0.55, "apple-m1": 0.9, "x86-avx2": 0.6, "epyc": 1.0, "zen4": 1.0}
 
 QUANTS = ("int4", "int8", "fp16", "fp32")
 
@@ -81,7 +81,7 @@ def core_speed(profile: Profile) -> float:
     for key, speed in CORE_SPEED.items():
         if key.replace("-", "") in cpu.replace("-", "").replace(" ", ""):
             return speed
-    if "zen 4" in cpu or "zen4" in cpu:
+    if "zen 4" in cpu or "zen4" in cpu or "epyc" in cpu:
         return CORE_SPEED["zen4"]
     if "m1" in cpu and "apple" in cpu:
         return CORE_SPEED["apple-m1"]

@@ -33,8 +33,12 @@ __all__ = [
 ]
 
 
-def load(bundle, threads: int | None = None, context: int | None = None):
-    """Open a bundle (a directory path, or an installed model's name) for generation."""
+def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False):
+    """Open a bundle (a directory path, or an installed model's name) for generation.
+
+    ``threads`` defaults to the physical cores; ``context`` to the bundle's. A bundle that
+    will not fit in the memory available now is refused (DeviceFitError) unless ``force``.
+    """
     from jishi.runtime.model import load as _load
 
-    return _load(bundle, threads=threads, context=context)
+    return _load(bundle, threads=threads, context=context, force=force)

@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--seed", type=int)
         r.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
         r.add_argument("--context", type=int, help="context window (default: the bundle's)")
+        r.add_argument("--force", action="store_true", help="load even if the model seems too big for free memory")
         r.set_defaults(func=_run if name == "run" else _chat)
 
     k = sub.add_parser("keygen", help="write an Ed25519 key pair for signing bundles")
@@ -141,7 +142,7 @@ def _sampling(args) -> dict:
 def _load(args):
     import jishi
 
-    return jishi.load(args.bundle, threads=args.threads, context=args.context)
+    return jishi.load(args.bundle, threads=args.threads, context=args.context, force=args.force)
 
 
 def _run(args) -> int:
@@ -277,7 +278,7 @@ def _remove(args) -> int:
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    line = lambda cells: "  ".join(c.rjust(w) if c[:1].isdigit() else c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 

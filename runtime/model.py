@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from jishi.errors import BundleError, ContextLengthError, JishiError
+from jishi.errors import BundleError, ContextLengthError, DeviceFitError, JishiError
 from jishi.runtime.bundle import Bundle, open_bundle
 from jishi.runtime.engine import Engine, make_session
 from jishi.runtime.sampling import SamplingParams, SeenTokens, sample
@@ -74,8 +74,29 @@ def default_threads() -> int:
     return physical_cores()
 
 
+def check_fits(bundle: Bundle, context: int) -> None:
+    """Refuse a bundle that will not fit in the memory this machine has available now."""
+    from jishi.devices.detect import detect
+    from jishi.devices.plan import RUNTIME_OVERHEAD
+
+    c = bundle.manifest.config
+    weights = bundle.size * (2 if bundle.manifest.graph.quantization.get("name") == "fp16" else 1)  # fp16 runs as fp32
+    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * context * 4
+    needed = weights + kv + RUNTIME_OVERHEAD
+    available = detect().available_bytes
+    if available and needed > available:
+        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+        room = (available - weights - RUNTIME_OVERHEAD) // per_token
+        hint = (f"a context of about {room} tokens would fit (load with context=...)" if room >= 256
+                else "a smaller quantization (jishi build --quant int4) or a smaller model would")
+        raise DeviceFitError(
+            f"{bundle.manifest.name} needs about {needed / 2**20:.0f} MB at context {context} but only "
+            f"{available / 2**20:.0f} MB are available; {hint}, or pass force=True (--force) to try anyway"
+        )
+
+
 class Model:
-    def __init__(self, bundle: Bundle, threads: int | None = None, context: int | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, context: int | None = None, force: bool = False):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -84,6 +105,8 @@ class Model:
         if context is not None and not 1 <= context <= built:
             raise ContextLengthError(f"context {context} must be between 1 and the bundle's {built} tokens")
         self.context = context or built
+        if not force:
+            check_fits(bundle, self.context)
         self.threads = threads or default_threads()
         self.tokenizer = Tokenizer(bundle.path(m.tokenizer.file), m.tokenizer)
         try:
@@ -226,5 +249,5 @@ def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     return min(hits) if hits else None
 
 
-def load(bundle, threads: int | None = None, context: int | None = None) -> Model:
-    return Model(open_bundle(resolve_bundle(bundle)), threads=threads, context=context)
+def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False) -> Model:
+    return Model(open_bundle(resolve_bundle(bundle)), threads=threads, context=context, force=force)

@@ -21,7 +21,8 @@ class Profile:
     ram_gb: float
     memory: str = ""
     theoretical_bandwidth_gbs: float | None = None
-    measured_bandwidth_gbs: float | None = None
+    measured_bandwidth_gbs: float | None = None  # all cores reading, where measured
+    single_thread_copy_gbs: float | None = None  # a published one-thread copy rate (understates the above)
     execution_provider: str = "CPUExecutionProvider"
     other_providers: tuple[str, ...] = ()
     model_match: tuple[str, ...] = ()
@@ -31,7 +32,11 @@ class Profile:
 
     @property
     def bandwidth_gbs(self) -> float:
-        """Measured bandwidth where known, else 60% of the theoretical (typical of STREAM on LPDDR)."""
+        """Measured all-core bandwidth where known, else 60% of the theoretical (typical of STREAM on LPDDR).
+
+        Published one-thread copy rates are kept in the profiles for reference but not used:
+        they count bytes copied (half the traffic) by one core of four or more.
+        """
         if self.measured_bandwidth_gbs:
             return self.measured_bandwidth_gbs
         return 0.6 * (self.theoretical_bandwidth_gbs or 0.0)
