@@ -113,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--context", type=int, default=2048)
     pl.set_defaults(func=_plan)
 
+    wh = sub.add_parser("wheelhouse", help="gather the runtime's wheels for an offline install on another machine")
+    wh.add_argument("--platform", required=True, choices=["linux-aarch64", "linux-x86_64"])
+    wh.add_argument("--python-version", default="3.11", help="the device's Python (default 3.11, as on Raspberry Pi OS)")
+    wh.add_argument("-o", "--output", required=True)
+    wh.set_defaults(func=_wheelhouse)
+
     i = sub.add_parser("info", help="summarise a bundle")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -351,6 +357,16 @@ def _plan(args) -> int:
     print(_table(["quant", "weights", "KV cache", "total", "decode tok/s", "fits"], table))
     print(f"\nrecommended: {why}" if best else f"\n{why}")
     return 0 if best else 1
+
+
+def _wheelhouse(args) -> int:
+    from jishi.wheelhouse import build_wheelhouse
+
+    wheels = build_wheelhouse(args.output, args.platform, args.python_version)
+    size = sum(w.stat().st_size for w in wheels) / 1e6
+    print(f"{len(wheels)} wheels ({size:.0f} MB) in {args.output}; on the device:\n"
+          f"  pip install --no-index --find-links {args.output} jishi")
+    return 0
 
 
 def _info(args) -> int:

@@ -38,3 +38,30 @@ def test_wheel_holds_every_module_under_jishi_and_imports_from_it(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith(str(site))
+
+
+def test_wheelhouse_installs_with_no_network(tmp_path):
+    """The wheels gathered for this platform install into a fresh environment with --no-index."""
+    import os
+    import platform
+
+    if platform.machine() != "x86_64":
+        import pytest
+
+        pytest.skip("the offline install is checked for linux-x86_64 on x86-64 machines")
+    done = subprocess.run([sys.executable, "-m", "jishi.cli", "wheelhouse", "--platform", "linux-x86_64",
+                           "--python-version", f"{sys.version_info.major}.{sys.version_info.minor}", "-o", str(tmp_path / "wh")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    names = {p.name.split("-")[0].lower() for p in (tmp_path / "wh").glob("*.whl")}
+    assert {"jishi", "numpy", "onnxruntime", "tokenizers", "jinja2", "cryptography"} <= names
+    assert "torch" not in names
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-index", "--find-links", str(tmp_path / "wh"), "jishi"],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert install.returncode == 0, install.stderr
+    check = subprocess.run([str(venv / "bin" / "jishi"), "devices", "detect"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "architecture     x86_64" in check.stdout, check.stderr
