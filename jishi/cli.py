@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="export a base model to a bundle")
     b.add_argument("--base", help="known base name (default smollm2-135m-instruct), a GGUF file or a Hugging Face directory")
-    b.add_argument("--quant", default="int4", choices=["int4", "int8", "fp16", "fp32"], help="weight format (default int4)")
+    b.add_argument("--quant", choices=["int4", "int8", "fp16", "fp32"], help="weight format (default int4, or the plan's choice with --device)")
+    b.add_argument("--device", help="plan the build for this device profile (see `jishi devices`) or 'detect'")
     b.add_argument("-o", "--output", help="bundle directory (default ./bundles/<name>-<quant>)")
     b.add_argument("--name", help="model name in the manifest (default: from the base)")
     b.add_argument("--context", type=int, default=2048, help="context window in tokens (default 2048)")
@@ -127,9 +128,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args) -> int:
+    from jishi.devices.plan import plan
     from jishi.pipeline import build
 
-    path = build(args.base, args.quant, args.output, args.name, args.context, evaluate=not args.no_eval)
+    quant = args.quant or "int4"
+    if args.device:
+        profile = _profile_for(args.device)
+        shape = _model_shape(args.base or "smollm2-135m-instruct")
+        _, best, why = plan(shape, profile, args.context)
+        if best is None:
+            raise JishiError(f"{shape.name} with context {args.context} does not fit {profile.id}: {why}")
+        if args.quant and args.quant != best.quant:
+            print(f"note: the plan for {profile.id} recommends {best.quant}; building {args.quant} as asked", file=sys.stderr)
+        quant = args.quant or best.quant
+        print(f"plan for {profile.id}: {why}", file=sys.stderr)
+    path = build(args.base, quant, args.output, args.name, args.context, evaluate=not args.no_eval)
     print(path)
     return 0
 
@@ -337,17 +350,22 @@ def _known_bases():
     return KNOWN_BASES
 
 
-def _plan(args) -> int:
+def _profile_for(device: str):
     from jishi.devices.detect import best_profile, detect
-    from jishi.devices.plan import plan
     from jishi.devices.profiles import get_profile
 
-    if args.device == "detect":
-        profile = best_profile(detect())
-        if profile is None:
-            raise JishiError("no device profile matches this machine; pass --device (see `jishi devices`)")
-    else:
-        profile = get_profile(args.device)
+    if device != "detect":
+        return get_profile(device)
+    profile = best_profile(detect())
+    if profile is None:
+        raise JishiError("no device profile matches this machine; pass --device (see `jishi devices`)")
+    return profile
+
+
+def _plan(args) -> int:
+    from jishi.devices.plan import plan
+
+    profile = _profile_for(args.device)
     shape = _model_shape(args.model)
     rows, best, why = plan(shape, profile, args.context)
     print(f"{shape.name} on {profile.name} ({profile.id}): {profile.ram_gb:g} GB, "

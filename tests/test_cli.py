@@ -58,3 +58,14 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 def test_version():
     done = jishi("--version")
     assert done.returncode == 0 and done.stdout.startswith("jishi 0.")
+
+
+def test_build_for_a_device_uses_the_plan(tiny_dirs, tmp_path):
+    out = tmp_path / "planned"
+    done = jishi("build", "--base", str(tiny_dirs["llama"]), "--device", "rpi4-4gb", "--context", "128", "--no-eval", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "plan for rpi4-4gb: int4: fits" in done.stderr
+    info = jishi("info", str(out))
+    assert "quantization  name=int4" in info.stdout
+    plan = jishi("plan", str(out), "--device", "rpi5-8gb")
+    assert plan.returncode == 0 and "recommended: int4" in plan.stdout and "fp32" in plan.stdout
