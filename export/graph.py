@@ -48,6 +48,7 @@ class QuantRecipe:
     block: int = 32
     accuracy_level: int = 4  # MatMulNBits: int8 activations (fastest on CPU)
     zero_point_correction: bool = True  # int4: keep float block minima exactly
+    merge_points: bool = False  # LoRA inputs on every fused projection (see _Linear)
 
     def as_dict(self) -> dict:
         d = {"name": self.name}
@@ -84,12 +85,20 @@ def rope_caches(inv_freq: np.ndarray, context: int, attention_scaling: float = 1
 
 
 class _Linear:
-    """Emits y = x·Wᵀ (+ b) for one (possibly fused) weight in the recipe's format."""
+    """Emits y = x·Wᵀ (+ b) + (x·A)·B for one (possibly fused) weight in the recipe's format.
+
+    The low-rank side path ``(x·A)·B`` is one MatMul and one Gemm. For int4 it carries
+    the zero-point correction (A = block-membership matrix S, B = Δ). With merge points,
+    A and B are graph inputs (``lora.<name>.a``, ``lora.<name>.b``) whose defaults are
+    those tensors (or a zero rank-1 pair where there is no correction): the runtime binds
+    ``[S | A_lora]`` and ``[Δ ; s·B_lora]`` to activate an adapter, at no cost in nodes.
+    """
 
     def __init__(self, g: _Graph, recipe: QuantRecipe):
         self.g = g
         self.recipe = recipe
         self._shared: dict[str, str] = {}
+        self.merge_inputs: list = []  # graph inputs for the merge points
 
     def __call__(self, x: str, weights: list[np.ndarray], name: str, bias: np.ndarray | None = None) -> str:
         g, r = self.g, self.recipe
@@ -103,6 +112,7 @@ class _Linear:
             else:
                 wname = g.init(f"{name}.weight", wt.astype(np.float32))
             y = g.op("MatMul", [x, wname], name=f"{name}/matmul")
+            side = None
         else:
             if r.name == "int4":
                 parts = [quantize_asymmetric(p, 4, r.block, correct=r.zero_point_correction) for p in weights]
@@ -110,9 +120,25 @@ class _Linear:
                 parts = [quantize_asymmetric(p, 8, r.block, correct=False) for p in weights]
             qw = concat_outputs(parts) if len(parts) > 1 else parts[0]
             y = self._matmul_nbits(x, qw, name)
+            side = (block_sum_matrix(qw.k, qw.block), qw.correction) if qw.correction is not None else None
         if bias is not None:
             y = g.op("Add", [y, g.init(f"{name}.bias", bias.astype(np.float32))], name=f"{name}/bias")
-        return y
+        if side is None and r.merge_points:
+            side = (np.zeros((k, 1), np.float32), np.zeros((1, n), np.float32))
+        if side is None:
+            return y
+        a, b = side
+        if r.merge_points:
+            a_name, b_name = f"lora.{name}.a", f"lora.{name}.b"
+            g.init(a_name, a)
+            g.init(b_name, b)
+            self.merge_inputs += [helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [k, f"rank.{name}"]),
+                                  helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [f"rank.{name}", n])]
+        else:
+            a_name = self._block_sum_matrix(k, r.block)
+            b_name = g.init(f"{name}.zp_correction", b)
+        low = g.op("MatMul", [x, a_name], name=f"{name}/side_a")
+        return g.op("Gemm", [low, b_name, y], name=f"{name}/side_b")
 
     def _matmul_nbits(self, x: str, qw: QuantizedWeight, name: str) -> str:
         g, r = self.g, self.recipe
@@ -122,22 +148,21 @@ class _Linear:
             g.init(f"{name}.scales", qw.scales.reshape(-1)),
             g.init(f"{name}.qzeros", qw.zero_points),
         ]
-        y = g.op(
+        return g.op(
             "MatMulNBits", inputs, domain=MS, name=f"{name}/matmul",
             K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block, accuracy_level=r.accuracy_level,
         )
-        if qw.correction is None:
-            return y
-        # (block sums of x) · Δ restores the exact block minima (see quant.py): two small
-        # nodes, a MatMul by the 0/1 block-membership matrix and a Gemm that adds to y.
-        sums = g.op("MatMul", [x, self._block_sum_matrix(qw.k, qw.block)], name=f"{name}/block_sums")
-        return g.op("Gemm", [sums, g.init(f"{name}.zp_correction", qw.correction), y], name=f"{name}/corrected")
 
     def _block_sum_matrix(self, k: int, block: int) -> str:
         name = f"block_sums.{k}.{block}"
         if name not in self._shared:
-            self._shared[name] = self.g.init(name, np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32)))
+            self._shared[name] = self.g.init(name, block_sum_matrix(k, block))
         return self._shared[name]
+
+
+def block_sum_matrix(k: int, block: int) -> np.ndarray:
+    """The 0/1 matrix (k × k/block) whose product with x sums x over each block."""
+    return np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
 
 
 def build_decoder(
@@ -232,7 +257,7 @@ def build_decoder(
             f"the model has weights jishi's exporter does not handle ({', '.join(unused[:4])}"
             f"{', ...' if len(unused) > 4 else ''}); this variant of the {cfg.family} family is not supported"
         )
-    graph = helper.make_graph(g.nodes, "jishi_decoder", inputs, outputs, g.inits)
+    graph = helper.make_graph(g.nodes, "jishi_decoder", inputs + lin.merge_inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
     model.ir_version = 10
     return model

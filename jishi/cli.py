@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--name", help="model name in the manifest (default: from the base)")
     b.add_argument("--context", type=int, default=2048, help="context window in tokens (default 2048)")
     b.add_argument("--no-eval", action="store_true", help="skip measuring quality on held-out text")
+    b.add_argument("--merge-points", action="store_true",
+                   help="add LoRA merge points on every projection, so adapters can be added at run time")
+    b.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="add a PEFT LoRA adapter (implies --merge-points); may be repeated")
     b.set_defaults(func=_build)
 
     for name, help_text in (("run", "answer one prompt, streaming"), ("chat", "chat in the terminal")):
@@ -67,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
         r.add_argument("--context", type=int, help="context window (default: the bundle's)")
         r.add_argument("--force", action="store_true", help="load even if the model seems too big for free memory")
+        r.add_argument("--adapter", help="use this adapter of the bundle (see `jishi adapter list`)")
         r.set_defaults(func=_run if name == "run" else _chat)
 
     k = sub.add_parser("keygen", help="write an Ed25519 key pair for signing bundles")
@@ -103,6 +108,20 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     rm.add_argument("--prefix")
     rm.set_defaults(func=_remove)
+
+    ad = sub.add_parser("adapter", help="add, list or remove the LoRA adapters of a bundle")
+    ad_sub = ad.add_subparsers(title="actions", metavar="ACTION")
+    a_add = ad_sub.add_parser("add", help="convert a PEFT adapter and add it to a bundle with merge points")
+    a_add.add_argument("bundle")
+    a_add.add_argument("adapter", metavar="NAME=DIR")
+    a_add.set_defaults(func=_adapter_add)
+    a_ls = ad_sub.add_parser("list", help="the bundle's adapters")
+    a_ls.add_argument("bundle")
+    a_ls.set_defaults(func=_adapter_list)
+    a_rm = ad_sub.add_parser("remove", help="remove an adapter from a bundle")
+    a_rm.add_argument("bundle")
+    a_rm.add_argument("name")
+    a_rm.set_defaults(func=_adapter_remove)
 
     d = sub.add_parser("devices", help="known device profiles; `jishi devices detect` describes this machine")
     d.add_argument("action", nargs="?", choices=["list", "detect"], default="list")
@@ -142,13 +161,28 @@ def _build(args) -> int:
             print(f"note: the plan for {profile.id} recommends {best.quant}; building {args.quant} as asked", file=sys.stderr)
         quant = args.quant or best.quant
         print(f"plan for {profile.id}: {why}", file=sys.stderr)
-    path = build(args.base, quant, args.output, args.name, args.context, evaluate=not args.no_eval)
+    adapters = [_named_dir(a) for a in args.adapter]
+    path = build(args.base, quant, args.output, args.name, args.context, evaluate=not args.no_eval,
+                 merge_points=args.merge_points or bool(adapters))
+    if adapters:
+        from jishi.export.adapters import add_adapter
+
+        for name, directory in adapters:
+            add_adapter(path, name, directory)
     print(path)
     return 0
 
 
+def _named_dir(spec: str) -> tuple[str, str]:
+    name, sep, directory = spec.partition("=")
+    if not sep or not name or not directory:
+        raise JishiError(f"expected NAME=DIR, got {spec!r}")
+    return name, directory
+
+
 def _sampling(args) -> dict:
     return dict(
+        adapter=args.adapter,
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -217,6 +251,35 @@ def _chat(args) -> int:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+def _adapter_add(args) -> int:
+    from jishi.export.adapters import add_adapter
+
+    name, directory = _named_dir(args.adapter)
+    out = add_adapter(args.bundle, name, directory)
+    print(f"added {name} ({out.stat().st_size / 1e6:.1f} MB); the bundle's signature, if any, was removed: sign it again")
+    return 0
+
+
+def _adapter_list(args) -> int:
+    from jishi.runtime.bundle import open_bundle
+
+    m = open_bundle(args.bundle).manifest
+    if not m.adapters:
+        print("no adapters" + ("" if m.merge_points else " (and no merge points: build with --merge-points)"))
+        return 0
+    print(_table(["name", "rank", "alpha", "targets", "file"],
+                 [[a["name"], str(a["rank"]), str(a.get("alpha")), ",".join(a["targets"]), a["file"]] for a in m.adapters]))
+    return 0
+
+
+def _adapter_remove(args) -> int:
+    from jishi.export.adapters import remove_adapter
+
+    remove_adapter(args.bundle, args.name)
+    print(f"removed {args.name}")
+    return 0
 
 
 def _keygen(args) -> int:

@@ -28,6 +28,8 @@ def build(
     context: int = DEFAULT_CONTEXT,
     evaluate: bool = True,
     quiet: bool = False,
+    merge_points: bool = False,
+    accuracy_level: int = 4,
 ) -> Path:
     """Build a bundle from a base model; returns its directory.
 
@@ -41,6 +43,7 @@ def build(
     from jishi.export.bundle_writer import check_target, publish, staging_dir, with_files, write_manifest
     from jishi.export.from_torch import model_config, numpy_weights, rotary
     from jishi.export.graph import QUANTS, QuantRecipe, build_decoder, save_model
+    from jishi.runtime.adapters import TARGETS
     from jishi.runtime.manifest import GraphInfo, Manifest, TokenizerInfo
 
     if quant not in QUANTS:
@@ -58,7 +61,7 @@ def build(
     cfg = model_config(base_model.model.config, context)
     name = name or base_model.name
     target = Path(output) if output else default_output(name, quant)
-    recipe = QuantRecipe(quant)
+    recipe = QuantRecipe(quant, accuracy_level=accuracy_level, merge_points=merge_points)
     weights = numpy_weights(base_model.model)
     inv_freq, attention_scaling = rotary(base_model.model)
     with tqdm(total=cfg.num_layers, desc=f"Writing the {quant} graph", unit="layer", disable=quiet, file=sys.stderr) as bar:
@@ -92,6 +95,7 @@ def build(
                 pad_token_id=tok.pad_token_id,
             ),
             files={},
+            merge_points={"targets": list(TARGETS), "rank": "dynamic"} if recipe.merge_points else None,
             provenance={
                 "base": base_model.name,
                 "base_source": Path(base_model.source).name,

@@ -228,3 +228,58 @@ def check_external_data(model_path: Path, root: Path, allowed: set[str]) -> None
                 f"{model_path.name} reads weights from {loc!r}, which is not a file of the bundle; refusing it"
             )
         _no_links(root, rel)
+
+
+def _tensor_header(tensor) -> tuple[str, list[int], int, bytes | None, dict[str, str]]:
+    name, dims, dtype, raw, ext = "", [], 0, None, {}
+    for num, wire, value in _fields(tensor):
+        if num == 1:  # dims: packed or one varint per field
+            if wire == 0:
+                dims.append(value)
+            else:
+                i = 0
+                while i < len(value):
+                    d, i = _varint(value, i)
+                    dims.append(d)
+        elif num == 2:
+            dtype = value
+        elif num == 8:
+            name = bytes(value).decode()
+        elif num == 9:
+            raw = bytes(value)
+        elif num == _TENSOR_EXTERNAL:
+            kv = {n: bytes(v).decode() for n, v in _sub(value, _ENTRY_KEY, _ENTRY_VALUE)}
+            ext[kv.get(_ENTRY_KEY, "")] = kv.get(_ENTRY_VALUE, "")
+    return name, dims, dtype, raw, ext
+
+
+def float_initializers(bundle: Bundle, prefix: str) -> dict[str, "np.ndarray"]:
+    """The float32 initializers of the bundle's graph whose names start with ``prefix``.
+
+    Read straight from the graph and its (already verified) external-data file, for the
+    runtime to combine the merge points' defaults with an adapter.
+    """
+    import numpy as np
+
+    graph_path = bundle.path(bundle.manifest.graph.file)
+    model = memoryview(graph_path.read_bytes())
+    out = {}
+    for num, graph in _sub(model, _MODEL_GRAPH):
+        for _, tensor in _sub(graph, _GRAPH_INIT):
+            name, dims, dtype, raw, ext = _tensor_header(tensor)
+            if not name.startswith(prefix):
+                continue
+            if dtype != 1:
+                raise BundleError(f"initializer {name} is not float32")
+            count = int(np.prod(dims)) if dims else 1
+            if raw is not None:
+                data = np.frombuffer(raw, dtype="<f4", count=count)
+            else:
+                loc = PurePosixPath(bundle.manifest.graph.file).parent / check_relative(ext["location"])
+                if loc.as_posix() not in bundle.manifest.files:
+                    raise BundleError(f"initializer {name} reads from {loc}, not a file of the bundle")
+                data = np.fromfile(bundle.path(loc.as_posix()), dtype="<f4", count=count, offset=int(ext.get("offset", 0)))
+            if data.size != count:
+                raise BundleError(f"initializer {name} is truncated in the bundle")
+            out[name] = data.reshape(dims).astype(np.float32, copy=False)
+    return out

@@ -45,6 +45,7 @@ class Engine:
         self.context = context
         self.tokens: list[int] = []  # what the cache holds, in order
         self._io = session.io_binding()
+        self._extra: dict[str, ort.OrtValue] = {}  # bound merge-point inputs of the active adapter
         self._kv = np.zeros((2 * cfg.num_layers, 1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
         self._reserve(min(context, KV_STEP))
 
@@ -77,18 +78,33 @@ class Engine:
         kv = np.zeros(self._kv.shape[:3] + (size, self._kv.shape[4]), dtype=np.float32)
         kept = len(self.tokens)
         kv[:, :, :, :kept] = self._kv[:, :, :, :kept]
-        self._kv = kv
-        self._kv_values = [ort.OrtValue.ortvalue_from_numpy(kv[i]) for i in range(kv.shape[0])]
-        for i in range(self.cfg.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                value = self._kv_values[2 * i + j]
-                self._io.bind_ortvalue_input(f"past_{kind}.{i}", value)
-                self._io.bind_ortvalue_output(f"present_{kind}.{i}", value)
+        values = [ort.OrtValue.ortvalue_from_numpy(kv[i]) for i in range(kv.shape[0])]
+        self._kv, self._kv_values = kv, values
+        self._bind_kv()
 
     def _bind_step(self) -> None:
         for name, value in self._step_values.items():
             self._io.bind_ortvalue_input(name, value)
         self._io.bind_ortvalue_output("logits", self._logits_value)
+
+    def set_inputs(self, arrays: dict[str, np.ndarray]) -> None:
+        """Bind these extra graph inputs (an adapter's), replacing the previous set; the cache is reset."""
+        values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+        self._io.clear_binding_inputs()
+        self._extra = values
+        self._arrays = arrays  # keep the memory alive while bound
+        for name, value in values.items():
+            self._io.bind_ortvalue_input(name, value)
+        self._bind_kv()
+        self._bind_step()
+        self.reset()
+
+    def _bind_kv(self) -> None:
+        for i in range(self.cfg.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                value = self._kv_values[2 * i + j]
+                self._io.bind_ortvalue_input(f"past_{kind}.{i}", value)
+                self._io.bind_ortvalue_output(f"present_{kind}.{i}", value)
 
     def reset(self) -> None:
         self.tokens = []

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from jishi.errors import BundleError, ContextLengthError, DeviceFitError, JishiError
+from jishi.errors import AdapterError, BundleError, ContextLengthError, DeviceFitError, JishiError
 from jishi.runtime.bundle import Bundle, open_bundle
 from jishi.runtime.engine import Engine, make_session
 from jishi.runtime.sampling import SamplingParams, SeenTokens, sample
@@ -114,6 +114,38 @@ class Model:
         except Exception as e:  # onnxruntime reports a bad graph with its own exception types
             raise BundleError(f"onnxruntime cannot load {m.graph.file}: {e}") from None
         self.engine = Engine(session, m.config, self.context)
+        self._adapters: dict = {}  # loaded adapters by name
+        self._defaults: dict | None = None  # the merge points' default tensors, read once
+        self.active_adapter: str | None = None
+
+    # --- adapters ---------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        return [a["name"] for a in self.manifest.adapters]
+
+    def load_adapter(self, name: str):
+        """Load (once) an adapter of the bundle; several stay loaded."""
+        if name not in self._adapters:
+            from jishi.runtime.adapters import build_adapter, read_adapter_file
+            from jishi.runtime.bundle import float_initializers
+
+            entry = next((a for a in self.manifest.adapters if a["name"] == name), None)
+            if entry is None:
+                raise AdapterError(f"this bundle has no adapter {name!r}; it has: {', '.join(self.adapters) or 'none'}")
+            mp = self.manifest.merge_points or {}
+            if self._defaults is None:
+                self._defaults = float_initializers(self.bundle, "lora.")
+            params = read_adapter_file(self.bundle.path(entry["file"]))
+            self._adapters[name] = build_adapter(name, params, self.manifest.config, self._defaults, tuple(mp.get("targets", ())))
+        return self._adapters[name]
+
+    def use_adapter(self, name: str | None) -> None:
+        """Make ``name`` (or no adapter) active for the following requests."""
+        if name == self.active_adapter:
+            return
+        self.engine.set_inputs(self.load_adapter(name).inputs if name else {})
+        self.active_adapter = name
 
     # --- text in, text out -------------------------------------------------------------
 
@@ -135,6 +167,7 @@ class Model:
         seed: int | None = None,
         truncate: bool = False,
         chat: bool = False,
+        adapter: str | None = None,
     ) -> Stream:
         """Text pieces as they are generated. ``chat=True`` marks a prompt rendered by the chat
         template, which writes its own special tokens (no BOS is added to it, as in transformers)."""
@@ -148,6 +181,7 @@ class Model:
         if not ids:
             raise JishiError("the prompt is empty")
         ids = self._fit_prompt(ids, max_new_tokens, truncate)
+        self.use_adapter(adapter)
         return Stream(self._generate(ids, max_new_tokens, params, _stops(stop), seed))
 
     def chat(self, messages: list[dict], **kwargs) -> Result:
@@ -162,7 +196,7 @@ class Model:
     def count_tokens(self, text: str, chat: bool = False) -> int:
         return len(self.tokenizer.encode(text, bos=False if chat else None))
 
-    def score(self, text: str) -> np.ndarray:
+    def score(self, text: str, adapter: str | None = None) -> np.ndarray:
         """log p(token_i | tokens before it) for tokens 2..n of ``text`` (float64, n − 1 values)."""
         ids = self.tokenizer.encode(text)
         if len(ids) < 2:
@@ -171,6 +205,7 @@ class Model:
             raise ContextLengthError(
                 f"the text is {len(ids)} tokens, longer than the context of {self.context}; score it in pieces"
             )
+        self.use_adapter(adapter)
         self.engine.reset()
         logits = self.engine.feed(ids[:-1], all_logits=True).astype(np.float64)
         logits -= logits.max(axis=-1, keepdims=True)

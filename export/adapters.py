@@ -1,0 +1,101 @@
+"""PEFT LoRA adapters into onnxruntime's adapter format, added to a bundle."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from jishi.errors import AdapterError
+from jishi.runtime.adapters import build_adapter
+from jishi.runtime.bundle import float_initializers, open_bundle
+from jishi.runtime.manifest import SIGNATURE
+
+_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def read_peft(adapter_dir: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """A PEFT LoRA directory as our tensors (A: in × r; B: r × out, scaled) and its config."""
+    from safetensors.numpy import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise AdapterError(f"{adapter_dir} is not a PEFT adapter directory (needs adapter_config.json and "
+                           "adapter_model.safetensors)")
+    try:
+        config = json.loads(cfg_path.read_text())
+        tensors = load_file(str(weights))
+    except Exception as e:
+        raise AdapterError(f"cannot read the adapter in {adapter_dir}: {e}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{adapter_dir} is a {config.get('peft_type')} adapter; jishi supports LoRA")
+    r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    params: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        if not m:
+            raise AdapterError(f"adapter tensor {key!r} is not a LoRA weight of a Llama-family projection")
+        layer, target, which = m.groups()
+        value = value.astype(np.float32)
+        if which == "A":
+            params[f"layers.{layer}.{target}.lora_A"] = np.ascontiguousarray(value.T)
+        else:
+            params[f"layers.{layer}.{target}.lora_B"] = np.ascontiguousarray(value.T * scale)
+    return params, config
+
+
+def add_adapter(bundle_dir: str | Path, name: str, adapter_dir: str | Path) -> Path:
+    """Convert and add an adapter to a bundle (its signature is dropped until signed again)."""
+    import onnxruntime as ort
+
+    from jishi.export.bundle_writer import with_files, write_manifest
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise AdapterError(f"adapter name {name!r} must be letters, digits, '-', '_' or '.'")
+    bundle_dir = Path(bundle_dir)
+    bundle = open_bundle(bundle_dir)
+    m = bundle.manifest
+    if not m.merge_points:
+        raise AdapterError("this bundle was built without merge points (--no-merge-points); rebuild it to add adapters, "
+                           "or merge the adapter in at build time with --merge")
+    params, config = read_peft(adapter_dir)
+    named = config.get("base_model_name_or_path") or ""
+    # layers, targets and every shape are checked against this bundle (raises AdapterError)
+    adapter = build_adapter(name, params, m.config, float_initializers(bundle, "lora."), tuple(m.merge_points["targets"]))
+    rel = f"adapters/{name}.onnx_adapter"
+    out = bundle_dir / rel
+    out.parent.mkdir(exist_ok=True)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in params.items()})
+    tmp = out.with_name(out.name + ".tmp")
+    fmt.export_adapter(str(tmp))
+    os.replace(tmp, out)
+    entry = {"name": name, "file": rel, "rank": adapter.rank, "alpha": config.get("lora_alpha"), "targets": list(adapter.targets),
+             "base_sha256": m.provenance.get("base_sha256"), "source": str(named or Path(adapter_dir).name)}
+    adapters = [a for a in m.adapters if a["name"] != name] + [entry]
+    (bundle_dir / SIGNATURE).unlink(missing_ok=True)
+    write_manifest(bundle_dir, with_files(replace(m, adapters=adapters), bundle_dir))
+    return out
+
+
+def remove_adapter(bundle_dir: str | Path, name: str) -> None:
+    from jishi.export.bundle_writer import with_files, write_manifest
+
+    bundle_dir = Path(bundle_dir)
+    m = open_bundle(bundle_dir).manifest
+    entry = next((a for a in m.adapters if a["name"] == name), None)
+    if entry is None:
+        raise AdapterError(f"the bundle has no adapter {name!r}")
+    (bundle_dir / entry["file"]).unlink(missing_ok=True)
+    (bundle_dir / SIGNATURE).unlink(missing_ok=True)
+    write_manifest(bundle_dir, with_files(replace(m, adapters=[a for a in m.adapters if a["name"] != name]), bundle_dir))
+

@@ -1,0 +1,115 @@
+"""LoRA adapters at run time, bound into the bundle's merge points.
+
+An adapter file (onnxruntime's ``.onnx_adapter`` format) holds, per layer ``i`` and
+target ``t`` (q, k, v, o, gate, up, down), ``layers.{i}.{t}.lora_A`` (in × r) and
+``layers.{i}.{t}.lora_B`` (r × out, its scale folded in). Each fused projection of the
+graph has a side path ``(x·A)·B`` whose inputs default to the zero-point correction (int4)
+or to zeros; activating an adapter binds ``[A_default | A_t ...]`` and
+``[B_default ; B_t placed at t's output columns ...]``, so the graph adds exactly
+``x·A_t·B_t`` for each target, with no extra nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jishi.errors import AdapterError
+from jishi.runtime.manifest import ModelConfig
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+GROUPS = {"attn.qkv": ("q", "k", "v"), "attn.o": ("o",), "mlp.gate_up": ("gate", "up"), "mlp.down": ("down",)}
+
+
+def target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each target's weight."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
+
+
+def _offsets(cfg: ModelConfig, group: str) -> dict[str, int]:
+    shapes = target_shapes(cfg)
+    out, at = {}, 0
+    for t in GROUPS[group]:
+        out[t] = at
+        at += shapes[t][1]
+    return out
+
+
+@dataclass
+class Adapter:
+    name: str
+    inputs: dict[str, np.ndarray]  # graph input → value to bind
+    rank: int
+    targets: tuple[str, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.inputs.values())
+
+
+def read_adapter_file(path: Path) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    try:
+        params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+    except Exception as e:  # onnxruntime raises its own types for a bad file
+        raise AdapterError(f"{path.name} is not a readable adapter file ({e}); copy or convert it again") from None
+    # Copies: the arrays would otherwise point into memory the adapter object frees.
+    return {k: np.array(v.numpy(), copy=True) for k, v in params.items()}
+
+
+def build_adapter(name: str, params: dict[str, np.ndarray], cfg: ModelConfig, defaults: dict[str, np.ndarray],
+                  merge_targets: tuple[str, ...]) -> Adapter:
+    """Combine an adapter's tensors with the merge points' defaults into the inputs to bind."""
+    shapes = target_shapes(cfg)
+    seen: set[str] = set()
+    ranks: set[int] = set()
+    for key in params:
+        parts = key.split(".")
+        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in TARGETS or parts[3] not in ("lora_A", "lora_B"):
+            raise AdapterError(f"adapter {name!r} holds a tensor {key!r} that is not a LoRA weight of this model family")
+        layer, target = int(parts[1]), parts[2]
+        if layer >= cfg.num_layers:
+            raise AdapterError(f"adapter {name!r} has weights for layer {layer}, but the model has {cfg.num_layers} layers: "
+                               "it was made for another base")
+        if target not in merge_targets:
+            raise AdapterError(f"adapter {name!r} targets {target}, which is not a merge point of this bundle "
+                               f"(merge points: {', '.join(merge_targets)})")
+        seen.add(target)
+    inputs: dict[str, np.ndarray] = {}
+    for layer in range(cfg.num_layers):
+        for group, targets in GROUPS.items():
+            present = [t for t in targets if f"layers.{layer}.{t}.lora_A" in params]
+            if not present:
+                continue
+            a_name, b_name = f"lora.layer{layer}.{group}.a", f"lora.layer{layer}.{group}.b"
+            if a_name not in defaults:
+                raise AdapterError(f"this bundle has no merge point {a_name}; rebuild it with merge points")
+            a_def, b_def = defaults[a_name], defaults[b_name]
+            zero = a_def.shape[1] == 1 and not a_def.any() and not b_def.any()
+            a_parts, b_parts = ([] if zero else [a_def]), ([] if zero else [b_def])
+            offsets = _offsets(cfg, group)
+            for t in present:
+                a = params[f"layers.{layer}.{t}.lora_A"]
+                b = params.get(f"layers.{layer}.{t}.lora_B")
+                fan_in, fan_out = shapes[t]
+                if b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != fan_in or b.shape[1] != fan_out or a.shape[1] != b.shape[0]:
+                    raise AdapterError(
+                        f"adapter {name!r}: layer {layer} {t} has shapes {getattr(a, 'shape', None)} and "
+                        f"{getattr(b, 'shape', None)}, expected ({fan_in}, r) and (r, {fan_out}): it was made for another base"
+                    )
+                ranks.add(a.shape[1])
+                full_b = np.zeros((b.shape[0], b_def.shape[1]), np.float32)
+                full_b[:, offsets[t]:offsets[t] + fan_out] = b
+                a_parts.append(a.astype(np.float32))
+                b_parts.append(full_b)
+            inputs[a_name] = np.ascontiguousarray(np.concatenate(a_parts, axis=1))
+            inputs[b_name] = np.ascontiguousarray(np.concatenate(b_parts, axis=0))
+    if not inputs:
+        raise AdapterError(f"adapter {name!r} holds no LoRA weights")
+
+    return Adapter(name, inputs, max(ranks), tuple(t for t in TARGETS if t in seen))
