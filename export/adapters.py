@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from jishi.errors import AdapterError
-from jishi.runtime.adapters import build_adapter
+from jishi.runtime.adapters import build_adapter, default_a_inputs
 from jishi.runtime.bundle import float_initializers, open_bundle
 from jishi.runtime.manifest import SIGNATURE
 
@@ -68,7 +68,8 @@ def add_adapter(bundle_dir: str | Path, name: str, adapter_dir: str | Path) -> P
     params, config = read_peft(adapter_dir)
     named = config.get("base_model_name_or_path") or ""
     # layers, targets and every shape are checked against this bundle (raises AdapterError)
-    adapter = build_adapter(name, params, m.config, float_initializers(bundle, "lora."), tuple(m.merge_points["targets"]))
+    defaults = {**default_a_inputs(m.config, m.merge_points), **float_initializers(bundle, "lora.")}
+    adapter = build_adapter(name, params, m.config, defaults, tuple(m.merge_points["targets"]))
     rel = f"adapters/{name}.onnx_adapter"
     out = bundle_dir / rel
     out.parent.mkdir(exist_ok=True)

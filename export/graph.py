@@ -89,9 +89,10 @@ class _Linear:
 
     The low-rank side path ``(x·A)·B`` is one MatMul and one Gemm. For int4 it carries
     the zero-point correction (A = block-membership matrix S, B = Δ). With merge points,
-    A and B are graph inputs (``lora.<name>.a``, ``lora.<name>.b``) whose defaults are
-    those tensors (or a zero rank-1 pair where there is no correction): the runtime binds
-    ``[S | A_lora]`` and ``[Δ ; s·B_lora]`` to activate an adapter, at no cost in nodes.
+    A and B are graph inputs (``lora.<name>.a``, ``lora.<name>.b``). B defaults to Δ (or a
+    zero row where there is no correction); A has no default: the runtime binds S (or a
+    zero column), one buffer shared by every layer. It binds ``[S | A_lora]`` and
+    ``[Δ ; s·B_lora]`` to activate an adapter, at no cost in nodes.
     """
 
     def __init__(self, g: _Graph, recipe: QuantRecipe):
@@ -129,8 +130,9 @@ class _Linear:
             return y
         a, b = side
         if r.merge_points:
+            # A has no stored default: the runtime binds one shared block-sum (or zero) matrix
+            # to every A of the same size, so the layers do not each read their own copy.
             a_name, b_name = f"lora.{name}.a", f"lora.{name}.b"
-            g.init(a_name, a)
             g.init(b_name, b)
             self.merge_inputs += [helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [k, f"rank.{name}"]),
                                   helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [f"rank.{name}", n])]

@@ -39,6 +39,27 @@ def _offsets(cfg: ModelConfig, group: str) -> dict[str, int]:
     return out
 
 
+def default_a_inputs(cfg: ModelConfig, merge_points: dict) -> dict[str, np.ndarray]:
+    """The A input of every merge point when no adapter uses it: one shared array per input size.
+
+    int4 bundles: the 0/1 block-membership matrix of the zero-point correction; others: a
+    zero column (their B default is a zero row).
+    """
+    block = int(merge_points.get("block", 32))
+    sums = merge_points.get("a_default") == "block_sums"
+    shapes = target_shapes(cfg)
+    shared: dict[int, np.ndarray] = {}
+    out = {}
+    for layer in range(cfg.num_layers):
+        for group, targets in GROUPS.items():
+            k = shapes[targets[0]][0]
+            if k not in shared:
+                shared[k] = (np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32)) if sums
+                             else np.zeros((k, 1), np.float32))
+            out[f"lora.layer{layer}.{group}.a"] = shared[k]
+    return out
+
+
 @dataclass
 class Adapter:
     name: str

@@ -39,13 +39,15 @@ def make_session(path: Path, threads: int, providers: list[str] | None = None) -
 
 
 class Engine:
-    def __init__(self, session: ort.InferenceSession, cfg: ModelConfig, context: int):
+    def __init__(self, session: ort.InferenceSession, cfg: ModelConfig, context: int,
+                 base_inputs: dict[str, np.ndarray] | None = None):
         self.session = session
         self.cfg = cfg
         self.context = context
         self.tokens: list[int] = []  # what the cache holds, in order
         self._io = session.io_binding()
-        self._extra: dict[str, ort.OrtValue] = {}  # bound merge-point inputs of the active adapter
+        self._base = base_inputs or {}  # inputs always bound unless an adapter replaces them (merge-point A)
+        self._arrays: dict[str, np.ndarray] = {}
         self._kv = np.zeros((2 * cfg.num_layers, 1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
         self._reserve(min(context, KV_STEP))
 
@@ -63,6 +65,8 @@ class Engine:
         }
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
         self._bind_step()
+        if self._base:
+            self.set_inputs({})
 
     @property
     def capacity(self) -> int:
@@ -88,12 +92,13 @@ class Engine:
         self._io.bind_ortvalue_output("logits", self._logits_value)
 
     def set_inputs(self, arrays: dict[str, np.ndarray]) -> None:
-        """Bind these extra graph inputs (an adapter's), replacing the previous set; the cache is reset."""
-        values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+        """Bind these extra graph inputs (an adapter's) over the base ones; the cache is reset."""
+        merged = {**self._base, **arrays}
+        by_array: dict[int, ort.OrtValue] = {}  # one OrtValue per distinct array (shared defaults)
         self._io.clear_binding_inputs()
-        self._extra = values
-        self._arrays = arrays  # keep the memory alive while bound
-        for name, value in values.items():
+        self._arrays = merged  # keep the memory alive while bound
+        for name, a in merged.items():
+            value = by_array.setdefault(id(a), ort.OrtValue.ortvalue_from_numpy(a))
             self._io.bind_ortvalue_input(name, value)
         self._bind_kv()
         self._bind_step()

@@ -113,7 +113,12 @@ class Model:
             session = make_session(bundle.path(m.graph.file), self.threads)
         except Exception as e:  # onnxruntime reports a bad graph with its own exception types
             raise BundleError(f"onnxruntime cannot load {m.graph.file}: {e}") from None
-        self.engine = Engine(session, m.config, self.context)
+        base_inputs = None
+        if m.merge_points:
+            from jishi.runtime.adapters import default_a_inputs
+
+            base_inputs = default_a_inputs(m.config, m.merge_points)
+        self.engine = Engine(session, m.config, self.context, base_inputs)
         self._adapters: dict = {}  # loaded adapters by name
         self._defaults: dict | None = None  # the merge points' default tensors, read once
         self.active_adapter: str | None = None
@@ -135,7 +140,9 @@ class Model:
                 raise AdapterError(f"this bundle has no adapter {name!r}; it has: {', '.join(self.adapters) or 'none'}")
             mp = self.manifest.merge_points or {}
             if self._defaults is None:
-                self._defaults = float_initializers(self.bundle, "lora.")
+                from jishi.runtime.adapters import default_a_inputs
+
+                self._defaults = {**default_a_inputs(self.manifest.config, mp), **float_initializers(self.bundle, "lora.")}
             params = read_adapter_file(self.bundle.path(entry["file"]))
             self._adapters[name] = build_adapter(name, params, self.manifest.config, self._defaults, tuple(mp.get("targets", ())))
         return self._adapters[name]

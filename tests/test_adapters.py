@@ -163,3 +163,14 @@ def test_wrong_adapters_are_refused(adapted, tmp_path, tiny_tokenizer):
     (b / "manifest.json").write_text(json.dumps(body))
     with pytest.raises(AdapterError, match="not a readable adapter file"):
         jishi.load(b).generate("Hi", adapter="alpha")
+
+
+def test_int4_merge_points_with_no_adapter_change_nothing(tiny_dirs, tmp_path):
+    """The shared block-sum matrix the runtime binds is the correction the plain graph stores."""
+    from jishi.pipeline import build
+
+    kw = dict(context=128, evaluate=False, quiet=True)
+    with_mp = jishi.load(build(str(tiny_dirs["qwen2"]), "int4", tmp_path / "mp", merge_points=True, **kw))
+    without = jishi.load(build(str(tiny_dirs["qwen2"]), "int4", tmp_path / "plain", merge_points=False, **kw))
+    assert with_mp.manifest.merge_points["a_default"] == "block_sums" and without.manifest.merge_points is None
+    np.testing.assert_array_equal(with_mp.engine.feed(IDS, all_logits=True), without.engine.feed(IDS, all_logits=True))
