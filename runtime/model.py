@@ -29,6 +29,9 @@ class Result:
         return self.text
 
 
+SCORE_CHUNK = 128  # tokens whose logits score() holds at once
+
+
 class Stream:
     """Text pieces as they are generated; ``.result`` once the iteration is over."""
 
@@ -207,17 +210,21 @@ class Model:
         """log p(token_i | tokens before it) for tokens 2..n of ``text`` (float64, n − 1 values)."""
         ids = self.tokenizer.encode(text)
         if len(ids) < 2:
-            raise ValueError("score() needs a text of at least two tokens")
+            raise JishiError("score() needs a text of at least two tokens")
         if len(ids) > self.context:
             raise ContextLengthError(
                 f"the text is {len(ids)} tokens, longer than the context of {self.context}; score it in pieces"
             )
         self.use_adapter(adapter)
         self.engine.reset()
-        logits = self.engine.feed(ids[:-1], all_logits=True).astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logz = np.log(np.exp(logits).sum(axis=-1))
-        return logits[np.arange(len(ids) - 1), ids[1:]] - logz
+        out = []
+        for start in range(0, len(ids) - 1, SCORE_CHUNK):  # bounded memory: chunk × vocab at a time
+            chunk = ids[start:min(start + SCORE_CHUNK, len(ids) - 1)]
+            logits = self.engine.feed(chunk, all_logits=True).astype(np.float64)
+            logits -= logits.max(axis=-1, keepdims=True)
+            logz = np.log(np.exp(logits).sum(axis=-1))
+            out.append(logits[np.arange(len(chunk)), ids[start + 1:start + 1 + len(chunk)]] - logz)
+        return np.concatenate(out)
 
     # --- the loop --------------------------------------------------------------------
 

@@ -221,3 +221,21 @@ def test_result_holds_the_text_and_stays_after_iteration(model):
     text = "".join(stream)
     assert stream.result.text == text and stream.result.completion_tokens == 6
     assert list(stream) == [] and stream.result.text == text
+
+
+def test_score_of_a_long_text_in_pieces_matches_torch(model, tiny_dirs):
+    """Longer than one scoring chunk: the pieces continue the same cache."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jishi.heldout import heldout_text
+    from jishi.runtime.model import SCORE_CHUNK
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    ids = model.tokenizer.encode(heldout_text())[:250]
+    text = model.tokenizer.decode(ids)
+    ids = model.tokenizer.encode(text)
+    assert SCORE_CHUNK < len(ids) <= model.context
+    with torch.no_grad():
+        lp = torch.log_softmax(ref(torch.tensor([ids])).logits[0].double(), -1)
+    expected = lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+    np.testing.assert_allclose(model.score(text), expected, atol=1e-4)
