@@ -143,7 +143,7 @@ def main() -> None:
             s["decode_vs_jishi_int4"] = round(s["decode_tok_s"] / ref["decode_tok_s"], 3)
             s["prefill_vs_jishi_int4"] = round(s["prefill_tok_s"] / ref["prefill_tok_s"], 3)
 
-    header = f"| system | size MB | prefill tok/s | TTFT ms | decode tok/s | peak RSS MB | decode ÷ jishi int4 |"
+    header = "| system | size MB | prefill tok/s | TTFT ms | decode tok/s | peak RSS MB | decode ÷ jishi int4 |"
     lines = [header, "|" + "---|" * 7]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['size_mb']:.0f} | {s['prefill_tok_s']:.0f} | {s['ttft_ms']:.0f} | "

@@ -7,7 +7,6 @@ point it at recorded files of each device.
 
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path

@@ -220,7 +220,8 @@ def _gguf_special_tokens(path: Path) -> tuple[bool, list[int]]:
     """
     from gguf import GGUFReader
 
-    fields = GGUFReader(str(path)).fields
+    reader = GGUFReader(str(path))
+    fields = reader.fields
 
     def scalar(key):
         f = fields.get(key)
@@ -285,7 +286,8 @@ def load_config_only(spec) -> "object":
     name, path = resolve(spec)
     if not path.is_file():
         raise BaseModelError(f"{path} is not a GGUF file")
-    fields = GGUFReader(str(path)).fields
+    reader = GGUFReader(str(path))
+    fields = reader.fields
 
     def value(key, default=None):
         f = fields.get(key)
@@ -304,5 +306,5 @@ def load_config_only(spec) -> "object":
         kv_heads=int(value(f"{arch}.attention.head_count_kv", heads)),
         head_dim=hidden // heads,
         vocab=vocab,
-        tied="output.weight" not in {t.name for t in GGUFReader(str(path)).tensors},
+        tied="output.weight" not in {t.name for t in reader.tensors},
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from jishi.errors import JishiError
 from jishi.runtime.bundle import sha256_of
 from jishi.runtime.manifest import FORMAT, MANIFEST, SIGNATURE, FileEntry, Manifest
+from jishi.runtime.store import fsync_dir, fsync_tree
 
 
 def staging_dir(target: Path) -> Path:
@@ -43,20 +44,6 @@ def with_files(manifest: Manifest, root: Path) -> Manifest:
     return replace(manifest, files=file_entries(root, names))
 
 
-def _fsync(path: Path) -> None:
-    for p in [*path.rglob("*"), path]:
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    if hasattr(os, "O_DIRECTORY"):
-        for d in (path, path.parent):
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def check_target(target: Path) -> None:
     """Only an absent path or an existing jishi bundle may be written over."""
     target = Path(target)
@@ -76,7 +63,7 @@ def publish(staging: Path, target: Path) -> None:
     """Swap the staged bundle in under ``target``; an older bundle there is removed only after."""
     target = Path(target)
     check_target(target)
-    _fsync(staging)
+    fsync_tree(staging)
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -87,5 +74,6 @@ def publish(staging: Path, target: Path) -> None:
         if old is not None:
             os.replace(old, target)
         raise
+    fsync_dir(target.parent)  # the rename survives a power cut
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

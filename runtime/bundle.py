@@ -253,7 +253,7 @@ def _tensor_header(tensor) -> tuple[str, list[int], int, bytes | None, dict[str,
     return name, dims, dtype, raw, ext
 
 
-def float_initializers(bundle: Bundle, prefix: str) -> dict[str, "np.ndarray"]:
+def float_initializers(bundle: Bundle, prefix: str) -> dict:
     """The float32 initializers of the bundle's graph whose names start with ``prefix``.
 
     Read straight from the graph and its (already verified) external-data file, for the

@@ -103,7 +103,8 @@ def _cleanup(root: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
     if hasattr(os, "O_DIRECTORY"):
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -148,9 +149,9 @@ def install(source: str | Path, prefix=None, key: str | Path | None = None,
         if version.exists():
             shutil.rmtree(staging)
         else:
-            _fsync_tree(staging)
+            fsync_tree(staging)
             os.replace(staging, version)
-            _fsync_dir(root)
+            fsync_dir(root)
         step("placed")
         pointer = root / (name + POINTER)
         tmp = root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -159,7 +160,7 @@ def install(source: str | Path, prefix=None, key: str | Path | None = None,
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, pointer)
-        _fsync_dir(root)
+        fsync_dir(root)
         step("activated")
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
@@ -171,7 +172,8 @@ def install(source: str | Path, prefix=None, key: str | Path | None = None,
     return version
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` to disk."""
     for p in path.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
