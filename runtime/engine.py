@@ -1,6 +1,6 @@
 """One decoder session and its KV cache: feed tokens, get logits.
 
-The cache is one preallocated block bound once as both the past input and the
+The cache is one preallocated block bound as both the past input and the
 present output of every layer, so GroupQueryAttention appends in place. The
 decode step's inputs and its logits output are bound to fixed buffers too: a
 step writes four numbers into numpy arrays and runs, with no allocation.
@@ -151,16 +151,12 @@ class Engine:
         out = []
         try:
             for start in range(0, len(ids), PREFILL_CHUNK):
-                chunk = ids[start:start + PREFILL_CHUNK]
-                last = start + len(chunk) == len(ids)
-                logits = self._run_chunk(chunk, all_logits)
+                logits = self._run_chunk(ids[start:start + PREFILL_CHUNK], all_logits)
                 if all_logits:
                     out.append(logits)
-                elif last:
-                    out.append(logits[-1])
         finally:
             self._bind_step()
-        return np.concatenate(out, axis=0) if all_logits else out[0]
+        return np.concatenate(out, axis=0) if all_logits else logits[-1]
 
     def _run_chunk(self, chunk: list[int], all_logits: bool) -> np.ndarray:
         pos, n = len(self.tokens), len(chunk)
