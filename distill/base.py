@@ -62,6 +62,28 @@ class LoadedBase:
     source_sha256: str | None
     reference_stats: dict = field(default_factory=dict)  # held-out figures of this model, by window shape
 
+    def tokenizer_info(self, file: str = "tokenizer.json"):
+        """The bundle manifest's tokenizer entry for this base."""
+        from jishi.runtime.manifest import TokenizerInfo
+
+        tok = self.tokenizer
+        return TokenizerInfo(
+            file=file,
+            add_bos=self.add_bos,
+            bos_token=tok.bos_token,
+            eos_tokens=tok.convert_ids_to_tokens(self.eos_token_ids),
+            eos_token_ids=self.eos_token_ids,
+            chat_template=self.chat_template,
+            pad_token_id=tok.pad_token_id,
+        )
+
+    def runtime_tokenizer(self):
+        """The tokenizer exactly as a bundle of this base will use it (same chat template rendering),
+        so that what is trained on is what is served."""
+        from jishi.runtime.tokenizer import Tokenizer
+
+        return Tokenizer(None, self.tokenizer_info(), json_text=self.tokenizer_json)
+
 
 def cache_dir() -> Path:
     root = os.environ.get("JISHI_CACHE")
@@ -131,6 +153,17 @@ def _copy_with_progress(src, dst: Path, total: int, label: str, quiet: bool) -> 
             bar.update(len(block))
 
 
+def directory_sha256(path: Path) -> str | None:
+    """One digest over a Hugging Face directory's config and weights (name, then content, per file)."""
+    files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
+    if not any(p.suffix == ".safetensors" for p in files):
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + sha256_file(p).encode() + b"\0")
+    return h.hexdigest()
+
+
 def resolve(spec: str | os.PathLike | None) -> tuple[str, Path]:
     """(name, path) for a base given as a known name, a GGUF file or a model directory."""
     spec = str(spec or DEFAULT_BASE)
@@ -173,7 +206,7 @@ def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
         where = path.parent
         digest = sha256_file(path)
     else:
-        kw, where, digest = {}, path, None
+        kw, where, digest = {}, path, directory_sha256(path)
     try:
         config = AutoConfig.from_pretrained(where, **kw)
     except Exception as e:  # transformers raises many types for a bad file

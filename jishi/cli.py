@@ -57,6 +57,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="add a PEFT LoRA adapter (implies --merge-points); may be repeated")
     b.set_defaults(func=_build)
 
+    ft = sub.add_parser("finetune", help="train a LoRA adapter (PEFT format) on chat records")
+    ft.add_argument("--base", help="known base name (default smollm2-135m-instruct), a GGUF file or a Hugging Face directory")
+    ft.add_argument("--data", required=True, help="JSONL: {\"messages\": [...]} or {\"prompt\": ..., \"response\": ...} per line")
+    ft.add_argument("--name", help="adapter name (default: the output directory's name)")
+    ft.add_argument("-o", "--output", required=True, help="adapter directory to write")
+    ft.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    ft.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (default 32)")
+    ft.add_argument("--targets", default="q,k,v,o,gate,up,down", help="projections to adapt (default: all seven)")
+    ft.add_argument("--epochs", type=float, default=2.0, help="passes over the data (default 2)")
+    ft.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    ft.add_argument("--batch-size", type=int, default=8)
+    ft.add_argument("--max-length", type=int, default=256, help="tokens per record, longer ones are cut (default 256)")
+    ft.add_argument("--heldout", type=float, default=0.1, help="fraction of records kept out to evaluate on (default 0.1)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    ft.set_defaults(func=_finetune)
+
     for name, help_text in (("run", "answer one prompt, streaming"), ("chat", "chat in the terminal")):
         r = sub.add_parser(name, help=help_text)
         r.add_argument("bundle", help="bundle directory or installed model name")
@@ -254,6 +271,27 @@ def _chat(args) -> int:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+def _finetune(args) -> int:
+    from jishi.errors import MissingExtraError
+
+    try:
+        from jishi.distill.finetune import FinetuneConfig, finetune
+    except ImportError as e:
+        raise MissingExtraError("build", f"fine-tuning ({e.name})") from None
+    config = FinetuneConfig(rank=args.rank, alpha=args.alpha, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                            epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                            heldout=args.heldout, seed=args.seed, threads=args.threads)
+    res = finetune(args.base, args.data, args.output, name=args.name, config=config)
+    rows = [["records", f"{res.train_records} train, {res.heldout_records} held out"],
+            ["steps", f"{res.steps} ({res.tokens} tokens, {res.seconds:.0f} s)"]]
+    if res.heldout_loss_after is not None:
+        rows.append(["held-out loss", f"{res.heldout_loss_before:.3f} → {res.heldout_loss_after:.3f} nats/token"])
+    w = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(w)}  {v}" for k, v in rows))
+    print(f"Wrote {res.output}; add it with `jishi adapter add BUNDLE {args.name or res.output.name}={res.output}`")
+    return 0
 
 
 def _adapter_add(args) -> int:

@@ -44,7 +44,7 @@ def build(
     from jishi.export.from_torch import model_config, numpy_weights, rotary
     from jishi.export.graph import QUANTS, QuantRecipe, build_decoder, save_model
     from jishi.runtime.adapters import TARGETS
-    from jishi.runtime.manifest import GraphInfo, Manifest, TokenizerInfo
+    from jishi.runtime.manifest import GraphInfo, Manifest
 
     if quant not in QUANTS:
         raise JishiError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
@@ -78,7 +78,6 @@ def build(
         save_model(graph, staging / "model.onnx")
         del graph
         (staging / "tokenizer.json").write_text(base_model.tokenizer_json, encoding="utf-8")
-        tok = base_model.tokenizer
         manifest = Manifest(
             name=name,
             config=cfg,
@@ -89,15 +88,7 @@ def build(
                 inputs=["input_ids", "seqlens_k", "total_sequence_length", "logits_index", "past_key.*", "past_value.*"],
                 outputs=["logits", "present_key.*", "present_value.*"],
             ),
-            tokenizer=TokenizerInfo(
-                file="tokenizer.json",
-                add_bos=base_model.add_bos,
-                bos_token=tok.bos_token,
-                eos_tokens=tok.convert_ids_to_tokens(base_model.eos_token_ids),
-                eos_token_ids=base_model.eos_token_ids,
-                chat_template=base_model.chat_template,
-                pad_token_id=tok.pad_token_id,
-            ),
+            tokenizer=base_model.tokenizer_info(),
             files={},
             merge_points={"targets": list(TARGETS), "rank": "dynamic",
                           "a_default": "block_sums" if recipe.name == "int4" and recipe.zero_point_correction else "zeros",

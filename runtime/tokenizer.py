@@ -16,11 +16,11 @@ from jishi.runtime.manifest import TokenizerInfo
 class Tokenizer:
     """The bundle's tokenizer: encoding adds BOS only where the model was trained with it."""
 
-    def __init__(self, path: Path, info: TokenizerInfo):
+    def __init__(self, path: Path | None, info: TokenizerInfo, json_text: str | None = None):
         try:
-            self._tok = _HFTokenizer.from_file(str(path))
+            self._tok = _HFTokenizer.from_str(json_text) if json_text is not None else _HFTokenizer.from_file(str(path))
         except Exception as e:
-            raise BundleError(f"cannot read the tokenizer {path.name}: {e}") from None
+            raise BundleError(f"cannot read the tokenizer {path.name if path else ''}: {e}") from None
         self.info = info
         self.bos_id = self._tok.token_to_id(info.bos_token) if info.bos_token else None
         self.eos_ids = frozenset(info.eos_token_ids)
