@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from jishi.errors import AdapterError
-from jishi.runtime.adapters import build_adapter, default_a_inputs
-from jishi.runtime.bundle import float_initializers, open_bundle
+from jishi.runtime.adapters import check_params
+from jishi.runtime.bundle import open_bundle
 from jishi.runtime.manifest import SIGNATURE
 
 _KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.lora_([AB])(?:\.default)?\.weight$")
@@ -51,6 +51,47 @@ def read_peft(adapter_dir: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     return params, config
 
 
+def _model_name(text: str) -> str:
+    """A model's name without organisation, file type or quantization tag: comparable across sources."""
+    name = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower().replace("_", "-")
+    name = re.sub(r"\.gguf$", "", name)
+    return re.sub(r"(-gguf|-(q\d(-[0-9a-z]+)*|f16|f32|bf16|fp16|fp32|int4|int8))+$", "", name)
+
+
+def check_base(adapter_dir: str | Path, config: dict, provenance: dict) -> str | None:
+    """Refuse an adapter trained for another base; returns the base hash it records, if any.
+
+    jishi's own adapters record the sha256 of the base they were trained on. For one made
+    elsewhere, PEFT's ``base_model_name_or_path`` is compared where it is a model id
+    (``org/name``) rather than a local path; shapes are checked later in any case.
+    """
+    base_sha = provenance.get("base_sha256")
+    info_path = Path(adapter_dir) / "jishi_adapter.json"
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError) as e:
+            raise AdapterError(f"cannot read {info_path}: {e}") from None
+        trained = info.get("base_sha256")
+        if trained and base_sha and trained != base_sha:
+            raise AdapterError(
+                f"adapter {Path(adapter_dir).name} was trained on {info.get('base', 'another base')} "
+                f"(sha256 {trained[:12]}…), but this bundle is built from {provenance.get('base')} "
+                f"(sha256 {base_sha[:12]}…); train it again with `jishi finetune --base` on this bundle's base"
+            )
+        return trained
+    named = config.get("base_model_name_or_path") or ""
+    looks_like_id = re.fullmatch(r"[\w.-]+/[\w.-]+", named) and not Path(named).exists()
+    if looks_like_id:
+        ours = {_model_name(provenance.get(k) or "") for k in ("base", "base_source")} - {""}
+        if ours and _model_name(named) not in ours:
+            raise AdapterError(
+                f"adapter {Path(adapter_dir).name} was made for {named}, but this bundle is built from "
+                f"{provenance.get('base')}: an adapter only works on the base it was trained on"
+            )
+    return None
+
+
 def add_adapter(bundle_dir: str | Path, name: str, adapter_dir: str | Path) -> Path:
     """Convert and add an adapter to a bundle (its signature is dropped until signed again)."""
     import onnxruntime as ort
@@ -67,9 +108,9 @@ def add_adapter(bundle_dir: str | Path, name: str, adapter_dir: str | Path) -> P
                            "or merge the adapter in at build time with --merge")
     params, config = read_peft(adapter_dir)
     named = config.get("base_model_name_or_path") or ""
+    trained_on = check_base(adapter_dir, config, m.provenance)
     # layers, targets and every shape are checked against this bundle (raises AdapterError)
-    defaults = {**default_a_inputs(m.config, m.merge_points), **float_initializers(bundle, "lora.")}
-    adapter = build_adapter(name, params, m.config, defaults, tuple(m.merge_points["targets"]))
+    rank, targets = check_params(name, params, m.config, tuple(m.merge_points["targets"]))
     rel = f"adapters/{name}.onnx_adapter"
     out = bundle_dir / rel
     out.parent.mkdir(exist_ok=True)
@@ -80,8 +121,8 @@ def add_adapter(bundle_dir: str | Path, name: str, adapter_dir: str | Path) -> P
     tmp = out.with_name(out.name + ".tmp")
     fmt.export_adapter(str(tmp))
     os.replace(tmp, out)
-    entry = {"name": name, "file": rel, "rank": adapter.rank, "alpha": config.get("lora_alpha"), "targets": list(adapter.targets),
-             "base_sha256": m.provenance.get("base_sha256"), "source": str(named or Path(adapter_dir).name)}
+    entry = {"name": name, "file": rel, "rank": rank, "alpha": config.get("lora_alpha"), "targets": list(targets),
+             "base_sha256": trained_on or m.provenance.get("base_sha256"), "source": str(named or Path(adapter_dir).name)}
     adapters = [a for a in m.adapters if a["name"] != name] + [entry]
     (bundle_dir / SIGNATURE).unlink(missing_ok=True)
     write_manifest(bundle_dir, with_files(replace(m, adapters=adapters), bundle_dir))

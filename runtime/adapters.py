@@ -6,7 +6,8 @@ target ``t`` (q, k, v, o, gate, up, down), ``layers.{i}.{t}.lora_A`` (in × r) a
 graph has a side path ``(x·A)·B`` whose inputs default to the zero-point correction (int4)
 or to zeros; activating an adapter binds ``[A_default | A_t ...]`` and
 ``[B_default ; B_t placed at t's output columns ...]``, so the graph adds exactly
-``x·A_t·B_t`` for each target, with no extra nodes.
+``x·A_t·B_t`` for each target, with no extra nodes. A loaded adapter keeps only its
+own tensors; those inputs are built when it becomes active.
 """
 
 from __future__ import annotations
@@ -62,14 +63,20 @@ def default_a_inputs(cfg: ModelConfig, merge_points: dict) -> dict[str, np.ndarr
 
 @dataclass
 class Adapter:
+    """A loaded adapter: its own tensors only (``layers.{i}.{t}.lora_A`` / ``lora_B``).
+
+    The merge points' inputs are built from them when the adapter becomes active
+    (``fused_inputs``), so each loaded adapter costs its own size and no more.
+    """
+
     name: str
-    inputs: dict[str, np.ndarray]  # graph input → value to bind
+    params: dict[str, np.ndarray]
     rank: int
     targets: tuple[str, ...]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.inputs.values())
+        return sum(a.nbytes for a in self.params.values())
 
 
 def read_adapter_file(path: Path) -> dict[str, np.ndarray]:
@@ -83,13 +90,21 @@ def read_adapter_file(path: Path) -> dict[str, np.ndarray]:
     return {k: np.array(v.numpy(), copy=True) for k, v in params.items()}
 
 
-def build_adapter(name: str, params: dict[str, np.ndarray], cfg: ModelConfig, defaults: dict[str, np.ndarray],
-                  merge_targets: tuple[str, ...]) -> Adapter:
-    """Combine an adapter's tensors with the merge points' defaults into the inputs to bind."""
+def _model_order(key: str):
+    """Sort key: layer, then target in model order, then A before B (unknown names last)."""
+    parts = key.split(".")
+    if len(parts) == 4 and parts[1].isdigit() and parts[2] in TARGETS:
+        return (0, int(parts[1]), TARGETS.index(parts[2]), parts[3])
+    return (1, 0, 0, key)
+
+
+def check_params(name: str, params: dict[str, np.ndarray], cfg: ModelConfig,
+                 merge_targets: tuple[str, ...] = TARGETS) -> tuple[int, tuple[str, ...]]:
+    """Refuse tensors that do not fit this model and its merge points; the adapter's rank and targets."""
     shapes = target_shapes(cfg)
     seen: set[str] = set()
     ranks: set[int] = set()
-    for key in params:
+    for key in sorted(params, key=_model_order):
         parts = key.split(".")
         if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in TARGETS or parts[3] not in ("lora_A", "lora_B"):
             raise AdapterError(f"adapter {name!r} holds a tensor {key!r} that is not a LoRA weight of this model family")
@@ -100,7 +115,38 @@ def build_adapter(name: str, params: dict[str, np.ndarray], cfg: ModelConfig, de
         if target not in merge_targets:
             raise AdapterError(f"adapter {name!r} targets {target}, which is not a merge point of this bundle "
                                f"(merge points: {', '.join(merge_targets)})")
+        if parts[3] == "lora_B":
+            continue
+        a, b = params[key], params.get(f"layers.{layer}.{target}.lora_B")
+        fan_in, fan_out = shapes[target]
+        if b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != fan_in or b.shape[1] != fan_out or a.shape[1] != b.shape[0]:
+            raise AdapterError(
+                f"adapter {name!r}: layer {layer} {target} has shapes {getattr(a, 'shape', None)} and "
+                f"{getattr(b, 'shape', None)}, expected ({fan_in}, r) and (r, {fan_out}): it was made for another base"
+            )
         seen.add(target)
+        ranks.add(a.shape[1])
+    orphans = [k for k in params if k.endswith(".lora_B") and k[:-1] + "A" not in params]
+    if orphans:
+        raise AdapterError(f"adapter {name!r} has {orphans[0]} without its lora_A: the file is incomplete")
+    if not seen:
+        raise AdapterError(f"adapter {name!r} holds no LoRA weights")
+    return max(ranks), tuple(t for t in TARGETS if t in seen)
+
+
+def build_adapter(name: str, params: dict[str, np.ndarray], cfg: ModelConfig,
+                  merge_targets: tuple[str, ...]) -> Adapter:
+    rank, targets = check_params(name, params, cfg, merge_targets)
+    return Adapter(name, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}, rank, targets)
+
+
+def fused_inputs(adapter: Adapter, cfg: ModelConfig, defaults: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The merge-point inputs that make the graph add ``x·A_t·B_t`` for each of the adapter's targets.
+
+    Per fused projection: ``[A_default | A_t …]`` and ``[B_default ; B_t at t's output columns …]``
+    (defaults: the int4 zero-point correction, or nothing where it is a zero column).
+    """
+    params = adapter.params
     inputs: dict[str, np.ndarray] = {}
     for layer in range(cfg.num_layers):
         for group, targets in GROUPS.items():
@@ -111,26 +157,19 @@ def build_adapter(name: str, params: dict[str, np.ndarray], cfg: ModelConfig, de
             if a_name not in defaults:
                 raise AdapterError(f"this bundle has no merge point {a_name}; rebuild it with merge points")
             a_def, b_def = defaults[a_name], defaults[b_name]
-            zero = a_def.shape[1] == 1 and not a_def.any() and not b_def.any()
-            a_parts, b_parts = ([] if zero else [a_def]), ([] if zero else [b_def])
-            offsets = _offsets(cfg, group)
-            for t in present:
-                a = params[f"layers.{layer}.{t}.lora_A"]
-                b = params.get(f"layers.{layer}.{t}.lora_B")
-                fan_in, fan_out = shapes[t]
-                if b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != fan_in or b.shape[1] != fan_out or a.shape[1] != b.shape[0]:
-                    raise AdapterError(
-                        f"adapter {name!r}: layer {layer} {t} has shapes {getattr(a, 'shape', None)} and "
-                        f"{getattr(b, 'shape', None)}, expected ({fan_in}, r) and (r, {fan_out}): it was made for another base"
-                    )
-                ranks.add(a.shape[1])
-                full_b = np.zeros((b.shape[0], b_def.shape[1]), np.float32)
-                full_b[:, offsets[t]:offsets[t] + fan_out] = b
-                a_parts.append(a.astype(np.float32))
-                b_parts.append(full_b)
-            inputs[a_name] = np.ascontiguousarray(np.concatenate(a_parts, axis=1))
-            inputs[b_name] = np.ascontiguousarray(np.concatenate(b_parts, axis=0))
-    if not inputs:
-        raise AdapterError(f"adapter {name!r} holds no LoRA weights")
-
-    return Adapter(name, inputs, max(ranks), tuple(t for t in TARGETS if t in seen))
+            keep = not (a_def.shape[1] == 1 and not a_def.any() and not b_def.any())
+            ranks = [params[f"layers.{layer}.{t}.lora_A"].shape[1] for t in present]
+            lead = a_def.shape[1] if keep else 0
+            a = np.empty((a_def.shape[0], lead + sum(ranks)), np.float32)
+            b = np.zeros((lead + sum(ranks), b_def.shape[1]), np.float32)
+            if keep:
+                a[:, :lead], b[:lead] = a_def, b_def
+            offsets, row = _offsets(cfg, group), lead
+            for t, r in zip(present, ranks):
+                col = offsets[t]
+                a[:, row:row + r] = params[f"layers.{layer}.{t}.lora_A"]
+                lora_b = params[f"layers.{layer}.{t}.lora_B"]
+                b[row:row + r, col:col + lora_b.shape[1]] = lora_b
+                row += r
+            inputs[a_name], inputs[b_name] = a, b
+    return inputs

@@ -147,14 +147,20 @@ class Model:
 
                 self._defaults = {**default_a_inputs(self.manifest.config, mp), **float_initializers(self.bundle, "lora.")}
             params = read_adapter_file(self.bundle.path(entry["file"]))
-            self._adapters[name] = build_adapter(name, params, self.manifest.config, self._defaults, tuple(mp.get("targets", ())))
+            self._adapters[name] = build_adapter(name, params, self.manifest.config, tuple(mp.get("targets", ())))
         return self._adapters[name]
 
     def use_adapter(self, name: str | None) -> None:
         """Make ``name`` (or no adapter) active for the following requests."""
         if name == self.active_adapter:
             return
-        self.engine.set_inputs(self.load_adapter(name).inputs if name else {})
+        if name:
+            from jishi.runtime.adapters import fused_inputs
+
+            adapter = self.load_adapter(name)
+            self.engine.set_inputs(fused_inputs(adapter, self.manifest.config, self._defaults))
+        else:
+            self.engine.set_inputs({})
         self.active_adapter = name
 
     # --- text in, text out -------------------------------------------------------------
