@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="no merge points (int8/fp16/fp32 default: there they cost about 10%% of decode speed)")
     b.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="add a PEFT LoRA adapter (implies --merge-points); may be repeated")
+    b.add_argument("--merge", metavar="NAME", help="fold the --adapter NAME into the weights before quantization: a "
+                   "single-task bundle without merge points (its quality at int4 and int8 is measured)")
     b.set_defaults(func=_build)
 
     ft = sub.add_parser("finetune", help="train a LoRA adapter (PEFT format) on chat records")
@@ -182,8 +184,17 @@ def _build(args) -> int:
         quant = args.quant or best.quant
         print(f"plan for {profile.id}: {why}", file=sys.stderr)
     adapters = [_named_dir(a) for a in args.adapter]
+    merge = None
+    if args.merge:
+        merge = next((a for a in adapters if a[0] == args.merge), None)
+        if merge is None:
+            raise JishiError(f"--merge {args.merge} needs the adapter given as --adapter {args.merge}=DIR")
+        if len(adapters) > 1 or args.merge_points:
+            raise JishiError("a merged bundle has no merge points, so it takes no other adapters: build it with "
+                             "--adapter NAME=DIR --merge NAME only")
+        adapters = []
     path = build(args.base, quant, args.output, args.name, args.context, evaluate=not args.no_eval,
-                 merge_points=True if adapters else args.merge_points)
+                 merge_points=True if adapters else args.merge_points, merge=merge)
     if adapters:
         from jishi.export.adapters import add_adapter
 
@@ -527,6 +538,13 @@ def describe(bundle) -> str:
                                 f"{100 * (ev['perplexity'] / ev['reference_perplexity'] - 1):+.1f}%), "
                                 f"top-1 agreement {100 * ev['top1_agreement']:.1f}%"))
         rows.append(("measured on", ev["heldout"]))
+        mg = ev.get("merged")
+        if mg:
+            rows.append(("merged", f"adapter {m.provenance.get('merged_adapter', {}).get('name')} folded into the weights; "
+                                   + ", ".join(f"{q} perplexity {mg[q]['perplexity']:.2f} ({100 * mg[q]['loss']:+.1f}%, "
+                                               f"{mg[q]['size_mb']:.0f} MB)" for q in ("int4", "int8"))))
+            rebuild = "" if mg["recommended"] == q.get("name") else f" (rebuild with --quant {mg['recommended']})"
+            rows.append(("recommended", f"{mg['recommended']}{rebuild}: {mg['reason']}"))
     else:
         rows.append(("quality", "not measured (built with --no-eval)"))
     width = max(len(k) for k, _ in rows)

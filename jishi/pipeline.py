@@ -30,12 +30,15 @@ def build(
     quiet: bool = False,
     merge_points: bool | None = None,
     accuracy_level: int = 4,
+    merge: tuple[str, str | Path] | None = None,
 ) -> Path:
     """Build a bundle from a base model; returns its directory.
 
     ``base`` is a known name, a GGUF file, a Hugging Face directory, or a base
     already loaded with ``jishi.distill.base.load_base`` (to build several
-    bundles from one load).
+    bundles from one load). ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
+    the weights before quantization: a bundle for one task, with no merge points; its
+    evaluation compares int4 and int8 of the merged weights and recommends one.
     """
     from tqdm import tqdm
 
@@ -58,6 +61,13 @@ def build(
     else:
         say("Loading the base model…")
         base_model = load_base(base)
+    merged = None
+    if merge is not None:
+        if merge_points:
+            raise JishiError("a merged bundle has no merge points: drop --merge-points and the other --adapter options")
+        merge_points = False
+        say(f"Merging adapter {merge[0]} into the weights…")
+        base_model, merged = merged_base(base_model, *merge)
     cfg = model_config(base_model.model.config, context)
     name = name or base_model.name
     target = Path(output) if output else default_output(name, quant)
@@ -97,6 +107,7 @@ def build(
                 "base": base_model.name,
                 "base_source": Path(base_model.source).name,
                 "base_sha256": base_model.source_sha256,
+                **({"merged_adapter": merged} if merged else {}),
                 "built_with": _versions(),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
@@ -105,7 +116,11 @@ def build(
         write_manifest(staging, manifest)
         if evaluate:
             say("Measuring quality on held-out text…")
-            manifest = replace(manifest, evaluation=evaluate_bundle(staging, base_model, quiet=quiet))
+            evaluation = evaluate_bundle(staging, base_model, quiet=quiet)
+            if merged:
+                size = sum(f.size for f in manifest.files.values())
+                evaluation["merged"] = _compare_merged(base_model, quant, evaluation, size, context, quiet)
+            manifest = replace(manifest, evaluation=evaluation)
             write_manifest(staging, manifest)
         publish(staging, target)
     except BaseException:
@@ -113,6 +128,68 @@ def build(
         raise
     say(f"Wrote {target} in {time.time() - t0:.0f} s")
     return target
+
+
+MERGED_INT4_BUDGET = 0.03  # int4 is recommended for a merged bundle if it loses at most this much perplexity
+
+
+def merged_base(base, name: str, adapter_dir: str | Path):
+    """A copy of ``base`` with the PEFT adapter's ``B·A`` added to its weights, and a record of it."""
+    import copy
+
+    import torch
+
+    from jishi.export.adapters import check_base, read_peft
+    from jishi.export.from_torch import model_config
+    from jishi.runtime.adapters import check_params
+
+    params, config = read_peft(adapter_dir)
+    trained_on = check_base(adapter_dir, config, {"base": base.name, "base_source": Path(base.source).name,
+                                                  "base_sha256": base.source_sha256})
+    rank, targets = check_params(name, params, model_config(base.model.config, 16))
+    model = copy.deepcopy(base.model)
+    weights = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, a in params.items():
+            if not key.endswith(".lora_A"):
+                continue
+            _, layer, target, _ = key.split(".")
+            where = "self_attn" if target in ("q", "k", "v", "o") else "mlp"
+            delta = a @ params[key[:-1] + "B"]  # (in, out)
+            weights[f"model.layers.{layer}.{where}.{target}_proj.weight"] += torch.from_numpy(delta.T.copy())
+    record = {"name": name, "source": Path(adapter_dir).name, "rank": rank, "targets": list(targets),
+              "alpha": config.get("lora_alpha"), "base_sha256": trained_on or base.source_sha256}
+    return replace(base, model=model, reference_stats={}), record
+
+
+def _compare_merged(base, quant: str, evaluation: dict, size: int, context: int, quiet: bool) -> dict:
+    """Quality of the merged weights at int4 and at int8 (one of them is this bundle), and the choice."""
+    import tempfile
+
+    from jishi.runtime.bundle import open_bundle
+
+    figures = {}
+    for q in ("int4", "int8"):
+        if q == quant:
+            ev, q_size = evaluation, size
+        else:
+            with tempfile.TemporaryDirectory(prefix="jishi-merged-") as tmp:
+                other = open_bundle(build(base, q, Path(tmp) / "b", context=context, quiet=True, merge_points=False))
+                ev, q_size = other.manifest.evaluation, other.size
+        figures[q] = {"perplexity": ev["perplexity"], "top1_agreement": ev["top1_agreement"],
+                      "loss": round(ev["perplexity"] / ev["reference_perplexity"] - 1, 4), "size_mb": round(q_size / 1e6, 1)}
+    ref = evaluation["reference_perplexity"]
+    loss4 = figures["int4"]["loss"]  # relative change of perplexity against the merged fp32 weights
+    if abs(loss4) <= MERGED_INT4_BUDGET:
+        pick, why = "int4", f"int4 changes perplexity by {100 * loss4:+.1f}% on the merged weights (within {100 * MERGED_INT4_BUDGET:.0f}%) and is smaller and faster"
+    else:
+        pick = "int8" if abs(figures["int8"]["loss"]) < abs(loss4) else "int4"
+        why = (f"int4 changes perplexity by {100 * loss4:+.1f}% on the merged weights (they are off the base's 4-bit "
+               f"grid), int8 by {100 * figures['int8']['loss']:+.1f}%")
+    if not quiet:
+        print(f"Merged weights: int4 perplexity {figures['int4']['perplexity']:.2f}, int8 {figures['int8']['perplexity']:.2f} "
+              f"(fp32 {ref:.2f}); recommended: {pick}", file=sys.stderr)
+    return {"reference_perplexity": ref, **figures, "recommended": pick, "reason": why}
 
 
 def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: int | None = None) -> dict:

@@ -159,3 +159,72 @@ def test_bad_training_data_is_refused_with_the_line(tmp_path, tiny_dirs):
     with pytest.raises(AdapterError, match="exists and is not an adapter directory"):
         finetune(str(tiny_dirs["llama"]), _write(tmp_path / "ok.jsonl", _records(12)), keep, quiet=True)
     assert (keep / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, tiny_dirs):
+    """A random adapter, the tiny bundles with it active (fp32, int4) and with it merged in (fp32, int4)."""
+    from test_adapters import make_peft
+
+    from jishi.distill.base import load_base
+    from jishi.export.adapters import add_adapter
+    from jishi.pipeline import build
+
+    root = tmp_path_factory.mktemp("merged")
+    make_peft(tiny_dirs["llama"], root / "skill", 5)
+    base = load_base(str(tiny_dirs["llama"]))
+    out = {}
+    for quant in ("fp32", "int4"):
+        live = build(base, quant, root / f"live-{quant}", context=256, evaluate=False, quiet=True, merge_points=True)
+        add_adapter(live, "skill", root / "skill")
+        out[quant] = (live, build(base, quant, root / f"merged-{quant}", context=256, quiet=True,
+                                  merge=("skill", root / "skill")))
+    out["plain-int4"] = build(base, "int4", root / "plain-int4", context=256, evaluate=False, quiet=True)
+    return out, root
+
+
+def _logits(bundle, adapter=None, ids=tuple(range(5, 70))):
+    m = jishi.load(bundle)
+    m.use_adapter(adapter)
+    m.engine.reset()
+    return m.engine.feed(list(ids), all_logits=True).copy()
+
+
+def test_merged_bundle_equals_the_adapter_at_run_time(merged):
+    bundles, _ = merged
+    live, folded = bundles["fp32"]
+    assert jishi.load(folded).manifest.merge_points is None
+    np.testing.assert_allclose(_logits(folded), _logits(live, "skill"), atol=2e-5, rtol=1e-5)
+    # int4: the merged weights are quantized afresh (off the base's grid). Bound: merging costs no more
+    # than quantizing itself does, measured against the exact fp32 logits with the adapter.
+    exact = _logits(live, "skill")
+    live4, folded4 = bundles["int4"]
+    err_merged = np.abs(_logits(folded4) - exact).max()
+    err_live = np.abs(_logits(live4, "skill") - exact).max()
+    err_plain = np.abs(_logits(bundles["plain-int4"]) - _logits(bundles["fp32"][0])).max()
+    assert err_merged < 2 * err_plain and err_live < 2 * err_plain, (err_merged, err_live, err_plain)
+
+
+def test_merged_bundle_reports_int4_and_int8_and_recommends(merged):
+    from jishi.cli import describe
+    from jishi.runtime.bundle import open_bundle
+
+    bundles, _ = merged
+    b = open_bundle(bundles["int4"][1])
+    ev = b.manifest.evaluation["merged"]
+    assert set(ev) >= {"int4", "int8", "recommended", "reason", "reference_perplexity"}
+    assert ev["int4"]["perplexity"] == b.manifest.evaluation["perplexity"]
+    assert abs(ev["int8"]["loss"]) < abs(ev["int4"]["loss"])  # int8 is closer to the merged fp32 weights
+    assert ev["recommended"] == ("int4" if abs(ev["int4"]["loss"]) <= 0.03 else "int8")
+    assert b.manifest.provenance["merged_adapter"]["name"] == "skill"
+    text = describe(b)
+    assert f"recommended   {ev['recommended']}" in text and "adapter skill folded into the weights" in text
+
+
+def test_merge_on_the_command_line_is_checked(tmp_path, tiny_dirs):
+    from jishi.cli import main
+
+    assert main(["build", "--base", str(tiny_dirs["llama"]), "--merge", "skill", "-o", str(tmp_path / "b")]) == 1
+    assert main(["build", "--base", str(tiny_dirs["llama"]), "--adapter", f"a={tmp_path}", "--adapter", f"skill={tmp_path}",
+                 "--merge", "skill", "-o", str(tmp_path / "b")]) == 1
+    assert not (tmp_path / "b").exists()
