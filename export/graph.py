@@ -320,12 +320,51 @@ def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: b
          K=qw.k, N=qw.n, bits=8, block_size=qw.block, accuracy_level=recipe.accuracy_level)
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
+def save_model(model: onnx.ModelProto, path: Path, data_name: str | None = None) -> list[Path]:
     """Write the graph with its weights in one external data file beside it; returns both paths."""
     path = Path(path)
-    data = path.with_name(path.name + ".data")
+    data = path.with_name(data_name or path.name + ".data")
     if data.exists():
         data.unlink()
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
     return [path, data]
+
+
+def strip_merge_points(graph_path: Path, out: Path) -> Path:
+    """Write, beside a saved graph with merge points, the same graph without them.
+
+    Where the side path exists only for the merge points (every format but int4, whose
+    side path also carries the zero-point correction), it costs two nodes per projection.
+    The copy drops those nodes, the ``lora.*`` inputs and their defaults, and reads the very
+    same bytes of the weights file: the runtime serves plain requests from it and opens
+    the graph with merge points only when an adapter is asked for.
+    """
+    model = onnx.load(str(graph_path), load_external_data=False)
+    g = model.graph
+    rename: dict[str, str] = {}
+    keep = []
+    for node in g.node:
+        lora = [i for i in node.input if i.startswith("lora.")]
+        if lora and node.op_type == "Gemm":
+            rename[node.output[0]] = node.input[2]  # y + (x·A)·B  →  y
+        elif not lora:
+            keep.append(node)
+    if not rename:
+        raise ValueError(f"{graph_path.name} has no merge-point side paths to strip")
+    for node in keep:
+        for i, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[i] = name
+    del g.node[:]
+    g.node.extend(keep)
+    inputs = [v for v in g.input if not v.name.startswith("lora.")]
+    del g.input[:]
+    g.input.extend(inputs)
+    inits = [t for t in g.initializer if not t.name.startswith("lora.")]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    # Serialized as it is: its initializers keep their locations in the shared weights file.
+    out.write_bytes(model.SerializeToString())
+    return out

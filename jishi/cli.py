@@ -50,11 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-eval", action="store_true", help="skip measuring quality on held-out text")
     mp = b.add_mutually_exclusive_group()
     mp.add_argument("--merge-points", action="store_true", default=None,
-                    help="LoRA merge points on every projection (default for int4, where they cost nothing)")
+                    help="LoRA merge points on all seven projections (the default)")
     mp.add_argument("--no-merge-points", dest="merge_points", action="store_false",
-                    help="no merge points (int8/fp16/fp32 default: there they cost about 10%% of decode speed)")
+                    help="leave them out: a bundle that takes no adapters")
     b.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="add a PEFT LoRA adapter (implies --merge-points); may be repeated")
+                   help="add a PEFT LoRA adapter; may be repeated")
     b.add_argument("--merge", metavar="NAME", help="fold the --adapter NAME into the weights before quantization: a "
                    "single-task bundle without merge points (its quality at int4 and int8 is measured)")
     b.set_defaults(func=_build)

@@ -45,7 +45,7 @@ def build(
     from jishi.distill.base import LoadedBase, load_base
     from jishi.export.bundle_writer import check_target, publish, staging_dir, with_files, write_manifest
     from jishi.export.from_torch import model_config, numpy_weights, rotary
-    from jishi.export.graph import QUANTS, QuantRecipe, build_decoder, save_model
+    from jishi.export.graph import QUANTS, QuantRecipe, build_decoder, save_model, strip_merge_points
     from jishi.runtime.adapters import TARGETS
     from jishi.runtime.manifest import GraphInfo, Manifest
 
@@ -72,9 +72,11 @@ def build(
     name = name or base_model.name
     target = Path(output) if output else default_output(name, quant)
     if merge_points is None:
-        # Where they are free: int4's side path already exists for the zero-point correction.
-        # Elsewhere they add two nodes per projection (about 10% of decode), so they are asked for.
-        merge_points = quant == "int4"
+        merge_points = True
+    # int4's side path exists anyway for the zero-point correction: its merge points are free
+    # and it has one graph. Elsewhere they add two nodes per projection, so the bundle also
+    # holds the graph without them, over the same weights file, for requests with no adapter.
+    adapter_graph = "model.lora.onnx" if merge_points and quant != "int4" else None
     recipe = QuantRecipe(quant, accuracy_level=accuracy_level, merge_points=merge_points)
     weights = numpy_weights(base_model.model)
     inv_freq, attention_scaling = rotary(base_model.model)
@@ -85,7 +87,11 @@ def build(
     check_target(target)
     staging = staging_dir(target)
     try:
-        save_model(graph, staging / "model.onnx")
+        if adapter_graph:
+            save_model(graph, staging / adapter_graph, data_name="model.onnx.data")
+            strip_merge_points(staging / adapter_graph, staging / "model.onnx")
+        else:
+            save_model(graph, staging / "model.onnx")
         del graph
         (staging / "tokenizer.json").write_text(base_model.tokenizer_json, encoding="utf-8")
         manifest = Manifest(
@@ -102,7 +108,8 @@ def build(
             files={},
             merge_points={"targets": list(TARGETS), "rank": "dynamic",
                           "a_default": "block_sums" if recipe.name == "int4" and recipe.zero_point_correction else "zeros",
-                          "block": recipe.block} if recipe.merge_points else None,
+                          "block": recipe.block, **({"graph": adapter_graph} if adapter_graph else {})}
+                         if recipe.merge_points else None,
             provenance={
                 "base": base_model.name,
                 "base_source": Path(base_model.source).name,

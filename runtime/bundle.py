@@ -105,7 +105,11 @@ def open_bundle(root: str | Path, verify_hashes: bool = True, key: str | Path | 
     for name in (manifest.graph.file, manifest.graph.data_file, manifest.tokenizer.file):
         if name is not None and name not in manifest.files:
             raise BundleError(f"the manifest refers to {name!r} but does not list it among its files")
-    check_external_data(root / manifest.graph.file, root, set(manifest.files))
+    graphs = [manifest.graph.file] + ([manifest.merge_points["graph"]] if (manifest.merge_points or {}).get("graph") else [])
+    for name in graphs:
+        if name not in manifest.files:
+            raise BundleError(f"the manifest refers to {name!r} but does not list it among its files")
+        check_external_data(root / name, root, set(manifest.files))
     return Bundle(root=root, manifest=manifest, manifest_bytes=raw)
 
 
@@ -253,16 +257,16 @@ def _tensor_header(tensor) -> tuple[str, list[int], int, bytes | None, dict[str,
     return name, dims, dtype, raw, ext
 
 
-def float_initializers(bundle: Bundle, prefix: str) -> dict:
-    """The float32 initializers of the bundle's graph whose names start with ``prefix``.
+def float_initializers(bundle: Bundle, prefix: str, graph_file: str | None = None) -> dict:
+    """The float32 initializers of a graph of the bundle (its main one by default) whose names start with ``prefix``.
 
     Read straight from the graph and its (already verified) external-data file, for the
     runtime to combine the merge points' defaults with an adapter.
     """
     import numpy as np
 
-    graph_path = bundle.path(bundle.manifest.graph.file)
-    model = memoryview(graph_path.read_bytes())
+    graph_file = graph_file or bundle.manifest.graph.file
+    model = memoryview(bundle.path(graph_file).read_bytes())
     out = {}
     for num, graph in _sub(model, _MODEL_GRAPH):
         for _, tensor in _sub(graph, _GRAPH_INIT):
@@ -275,7 +279,7 @@ def float_initializers(bundle: Bundle, prefix: str) -> dict:
             if raw is not None:
                 data = np.frombuffer(raw, dtype="<f4", count=count)
             else:
-                loc = PurePosixPath(bundle.manifest.graph.file).parent / check_relative(ext["location"])
+                loc = PurePosixPath(graph_file).parent / check_relative(ext["location"])
                 if loc.as_posix() not in bundle.manifest.files:
                     raise BundleError(f"initializer {name} reads from {loc}, not a file of the bundle")
                 data = np.fromfile(bundle.path(loc.as_posix()), dtype="<f4", count=count, offset=int(ext.get("offset", 0)))

@@ -99,7 +99,10 @@ def check_fits(bundle: Bundle, context: int) -> None:
 
 
 class Model:
-    def __init__(self, bundle: Bundle, threads: int | None = None, context: int | None = None, force: bool = False):
+    def __init__(self, bundle: Bundle, threads: int | None = None, context: int | None = None, force: bool = False,
+                 adapters: bool = False):
+        """``adapters=True`` opens the graph with merge points straight away (a server that will
+        switch adapters); otherwise it is opened the first time an adapter is used."""
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -112,19 +115,33 @@ class Model:
             check_fits(bundle, self.context)
         self.threads = threads or default_threads()
         self.tokenizer = Tokenizer(bundle.path(m.tokenizer.file), m.tokenizer)
-        try:
-            session = make_session(bundle.path(m.graph.file), self.threads)
-        except Exception as e:  # onnxruntime reports a bad graph with its own exception types
-            raise BundleError(f"onnxruntime cannot load {m.graph.file}: {e}") from None
-        base_inputs = None
-        if m.merge_points:
-            from jishi.runtime.adapters import default_a_inputs
-
-            base_inputs = default_a_inputs(m.config, m.merge_points)
-        self.engine = Engine(session, m.config, self.context, base_inputs)
+        mp = m.merge_points or {}
+        # A bundle may hold its graph twice over one weights file: with merge points (opened
+        # when an adapter is first used) and without (faster, for requests with no adapter).
+        self._adapter_graph = mp.get("graph")
+        self.engine = self._open(self._adapter_graph if adapters and self._adapter_graph else m.graph.file)
         self._adapters: dict = {}  # loaded adapters by name
         self._defaults: dict | None = None  # the merge points' default tensors, read once
         self.active_adapter: str | None = None
+
+    def _open(self, graph_file: str) -> Engine:
+        m = self.manifest
+        try:
+            session = make_session(self.bundle.path(graph_file), self.threads)
+        except Exception as e:  # onnxruntime reports a bad graph with its own exception types
+            raise BundleError(f"onnxruntime cannot load {graph_file}: {e}") from None
+        self.graph_file = graph_file
+        base_inputs = None
+        if m.merge_points and graph_file == (self._adapter_graph or m.graph.file):
+            from jishi.runtime.adapters import default_a_inputs
+
+            base_inputs = default_a_inputs(m.config, m.merge_points)
+        return Engine(session, m.config, self.context, base_inputs)
+
+    @property
+    def has_merge_points(self) -> bool:
+        """Whether the open graph takes adapters (else the first adapter opens the one that does)."""
+        return bool(self.manifest.merge_points) and self.graph_file == (self._adapter_graph or self.manifest.graph.file)
 
     # --- adapters ---------------------------------------------------------------------
 
@@ -145,7 +162,8 @@ class Model:
             if self._defaults is None:
                 from jishi.runtime.adapters import default_a_inputs
 
-                self._defaults = {**default_a_inputs(self.manifest.config, mp), **float_initializers(self.bundle, "lora.")}
+                self._defaults = {**default_a_inputs(self.manifest.config, mp),
+                                  **float_initializers(self.bundle, "lora.", mp.get("graph"))}
             params = read_adapter_file(self.bundle.path(entry["file"]))
             self._adapters[name] = build_adapter(name, params, self.manifest.config, tuple(mp.get("targets", ())))
         return self._adapters[name]
@@ -158,6 +176,11 @@ class Model:
             from jishi.runtime.adapters import fused_inputs
 
             adapter = self.load_adapter(name)
+            if not self.has_merge_points:
+                # One session at a time, so memory holds one copy of the weights: the plain
+                # graph goes; requests with no adapter then run on this one, with zero inputs.
+                self.engine = None
+                self.engine = self._open(self._adapter_graph)
             self.engine.set_inputs(fused_inputs(adapter, self.manifest.config, self._defaults))
         else:
             self.engine.set_inputs({})
@@ -304,5 +327,6 @@ def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     return min(hits) if hits else None
 
 
-def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False) -> Model:
-    return Model(open_bundle(resolve_bundle(bundle)), threads=threads, context=context, force=force)
+def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False,
+         adapters: bool = False) -> Model:
+    return Model(open_bundle(resolve_bundle(bundle)), threads=threads, context=context, force=force, adapters=adapters)

@@ -57,12 +57,14 @@ def torch_logits(model, ids=IDS):
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def test_bundle_without_merge_points_refuses_adapters(tiny_bundles, tmp_path, adapted):
+def test_bundle_without_merge_points_refuses_adapters(tiny_dirs, tmp_path, adapted):
     from jishi.export.adapters import add_adapter
+    from jishi.pipeline import build
 
     _, _, root = adapted
-    b = tmp_path / "plain"
-    shutil.copytree(tiny_bundles["fp32"], b)
+    b = build(str(tiny_dirs["llama"]), "fp32", tmp_path / "plain", context=256, evaluate=False, quiet=True,
+              merge_points=False)
+    assert sorted(p.name for p in b.glob("*.onnx")) == ["model.onnx"]
     with pytest.raises(AdapterError, match="built without merge points"):
         add_adapter(b, "alpha", root / "alpha")
 
@@ -174,3 +176,29 @@ def test_int4_merge_points_with_no_adapter_change_nothing(tiny_dirs, tmp_path):
     without = jishi.load(build(str(tiny_dirs["qwen2"]), "int4", tmp_path / "plain", merge_points=False, **kw))
     assert with_mp.manifest.merge_points["a_default"] == "block_sums" and without.manifest.merge_points is None
     np.testing.assert_array_equal(with_mp.engine.feed(IDS, all_logits=True), without.engine.feed(IDS, all_logits=True))
+
+
+def test_plain_graph_beside_the_merge_points_reads_the_same_weights(adapted):
+    """fp32/int8/fp16 bundles hold the graph twice over one weights file; int4 once."""
+    import onnx
+
+    bundles, _, _ = adapted
+    fp32, int4 = bundles["fp32"], bundles["int4"]
+    assert sorted(p.name for p in int4.glob("*.onnx")) == ["model.onnx"]
+    assert sorted(p.name for p in fp32.glob("*.onnx")) == ["model.lora.onnx", "model.onnx"]
+    plain = onnx.load(str(fp32 / "model.onnx"), load_external_data=False)
+    lora = onnx.load(str(fp32 / "model.lora.onnx"), load_external_data=False)
+    assert not [i for i in plain.graph.input if i.name.startswith("lora.")]
+    assert len(lora.graph.node) - len(plain.graph.node) == 2 * 4 * 2  # two nodes per fused projection, 2 layers
+    locations = {e.value for g in (plain, lora) for t in g.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+
+    m = jishi.load(fp32)
+    assert m.graph_file == "model.onnx" and not m.has_merge_points
+    plain_logits = m.engine.feed(IDS, all_logits=True).copy()
+    m.use_adapter("alpha")
+    assert m.graph_file == "model.lora.onnx" and m.has_merge_points
+    m.use_adapter(None)
+    m.engine.reset()
+    np.testing.assert_array_equal(m.engine.feed(IDS, all_logits=True), plain_logits)
+    assert jishi.load(fp32, adapters=True).graph_file == "model.lora.onnx"
