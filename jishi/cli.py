@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--context", type=int, help="context window (default: the bundle's)")
         r.add_argument("--force", action="store_true", help="load even if the model seems too big for free memory")
         r.add_argument("--adapter", help="use this adapter of the bundle (see `jishi adapter list`)")
+        r.add_argument("--verbose", action="store_true", help="say which onnxruntime settings were chosen, and why")
         r.set_defaults(func=_run if name == "run" else _chat)
 
     k = sub.add_parser("keygen", help="write an Ed25519 key pair for signing bundles")
@@ -200,7 +201,20 @@ def _sampling(args) -> dict:
 def _load(args):
     import jishi
 
-    return jishi.load(args.bundle, threads=args.threads, context=args.context, force=args.force)
+    model = jishi.load(args.bundle, threads=args.threads, context=args.context, force=args.force)
+    if args.verbose:
+        print(_settings_text(model.settings, model.engine.session.get_providers()), file=sys.stderr)
+    return model
+
+
+def _settings_text(settings, active: list[str] | None = None) -> str:
+    rows = settings.describe()
+    if active is not None:
+        rows.append(("session providers", " > ".join(active)))
+    if settings.why:
+        rows.append(("why", settings.why))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
 def _run(args) -> int:
@@ -394,6 +408,10 @@ def _devices(args) -> int:
         rows.append(("closest profile", f"{match.id} ({match.name})" if match else "none of this architecture"))
         w = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+        from jishi.runtime.settings import choose
+
+        print("\nruntime settings (onnxruntime):")
+        print("\n".join("  " + line for line in _settings_text(choose(match, machine.cores)).splitlines()))
         return 0
     rows = [[p.id, p.arch, str(p.cores), f"{p.ram_gb:g} GB", f"{p.bandwidth_gbs:.0f} GB/s", ", ".join(p.isa), p.name]
             for p in load_profiles()]
@@ -499,6 +517,12 @@ def describe(bundle) -> str:
         ("signed", "yes" if bundle.signed else "no"),
         ("adapters", ", ".join(a["name"] + (" (delivered)" if a.get("delivered") else "") for a in m.adapters) or "none"),
     ]
+    from jishi.runtime.settings import for_this_machine
+
+    s = for_this_machine()
+    rows.append(("runtime here", f"{s.threads} threads, {' > '.join(s.providers)}, arena {'on' if s.cpu_mem_arena else 'off'}, "
+                                 f"prepacking {'on' if s.prepacking else 'off'}, spinning {'on' if s.spinning else 'off'} "
+                                 f"({'profile ' + s.profile if s.profile else 'defaults'})"))
     ev = m.evaluation
     if ev:
         rows.append(("quality", f"perplexity {ev['perplexity']:.2f} (reference {ev['reference_perplexity']:.2f}, "
