@@ -102,6 +102,7 @@ def add_adapter(bundle_dir: str | Path, name: str, adapter_dir: str | Path) -> P
         raise AdapterError(f"adapter name {name!r} must be letters, digits, '-', '_' or '.'")
     bundle_dir = Path(bundle_dir)
     bundle = open_bundle(bundle_dir)
+    _not_installed(bundle)
     m = bundle.manifest
     if not m.merge_points:
         raise AdapterError("this bundle was built without merge points (--no-merge-points); rebuild it to add adapters, "
@@ -133,7 +134,9 @@ def remove_adapter(bundle_dir: str | Path, name: str) -> None:
     from jishi.export.bundle_writer import with_files, write_manifest
 
     bundle_dir = Path(bundle_dir)
-    m = open_bundle(bundle_dir).manifest
+    bundle = open_bundle(bundle_dir)
+    _not_installed(bundle)
+    m = bundle.manifest
     entry = next((a for a in m.adapters if a["name"] == name), None)
     if entry is None:
         raise AdapterError(f"the bundle has no adapter {name!r}")
@@ -141,3 +144,11 @@ def remove_adapter(bundle_dir: str | Path, name: str) -> None:
     (bundle_dir / SIGNATURE).unlink(missing_ok=True)
     write_manifest(bundle_dir, with_files(replace(m, adapters=[a for a in m.adapters if a["name"] != name]), bundle_dir))
 
+
+
+def _not_installed(bundle) -> None:
+    """A model with delivered adapters is an installed version: immutable, and its manifest stays as signed."""
+    if bundle.added:
+        raise AdapterError(f"{bundle.root} holds delivered adapters ({', '.join(a.manifest.name for a in bundle.added)}): "
+                           "it is an installed version, which is never changed in place; change the bundle it came from, "
+                           "or deliver the adapter with `jishi pack BUNDLE --adapter NAME` and `jishi install`")

@@ -48,9 +48,14 @@ def sign_bundle(bundle_dir: str | Path, key_path: str | Path) -> Path:
     from jishi.runtime.bundle import open_bundle
 
     bundle = open_bundle(bundle_dir)
-    signature = load_private_key(key_path).sign(bundle.manifest_bytes)
+    signature = sign_bytes(bundle.manifest_bytes, key_path)
     out = Path(bundle_dir) / SIGNATURE
     tmp = out.with_name(SIGNATURE + ".tmp")
     tmp.write_bytes(signature)
     os.replace(tmp, out)
     return out
+
+
+def sign_bytes(data: bytes, key_path: str | Path) -> bytes:
+    """The raw Ed25519 signature of ``data`` (a manifest's exact bytes) by the private key."""
+    return load_private_key(key_path).sign(data)

@@ -36,7 +36,9 @@ __all__ = [
 def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False, adapters: bool = False):
     """Open a bundle (a directory path, or an installed model's name) for generation.
 
-    ``threads`` defaults to the physical cores; ``context`` to the bundle's. A bundle that
+    ``threads`` defaults to the device profile's count (its performance cores, at most the physical
+    cores this process may use), which also sets onnxruntime's provider and memory settings
+    (``model.settings``); ``context`` defaults to the bundle's. A bundle that
     will not fit in the memory available now is refused (DeviceFitError) unless ``force``.
     ``adapters=True`` opens the graph with merge points at once (otherwise the first use of
     an adapter does, a one-time cost of a second or so for int8/fp16/fp32 bundles).

@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--context", type=int, help="context window (default: the bundle's)")
         r.add_argument("--force", action="store_true", help="load even if the model seems too big for free memory")
         r.add_argument("--adapter", help="use this adapter of the bundle (see `jishi adapter list`)")
+        r.add_argument("--verbose", action="store_true", help="say which onnxruntime settings were chosen, and why")
         r.set_defaults(func=_run if name == "run" else _chat)
 
     k = sub.add_parser("keygen", help="write an Ed25519 key pair for signing bundles")
@@ -105,10 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--key", required=True, help="private key from `jishi keygen`")
     s.set_defaults(func=_sign)
 
-    pk = sub.add_parser("pack", help="pack a bundle into one .jishi archive")
+    pk = sub.add_parser("pack", help="pack a bundle (or one of its adapters) into one .jishi archive")
     pk.add_argument("bundle")
     pk.add_argument("-o", "--output", required=True, help="archive to write (FILE.jishi)")
     pk.add_argument("--sign", metavar="KEY", help="sign with this private key first")
+    pk.add_argument("--adapter", metavar="NAME",
+                    help="pack only this adapter, for installing into the same model where the bundle already is")
     pk.set_defaults(func=_pack)
 
     v = sub.add_parser("verify", help="check every file's hash and the signature of a bundle or archive")
@@ -116,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--key", help="public key the bundle must be signed with")
     v.set_defaults(func=_verify)
 
-    ins = sub.add_parser("install", help="verify and install a .jishi archive (or bundle directory)")
+    ins = sub.add_parser("install", help="verify and install a .jishi archive (a bundle, or an adapter for an installed model)")
     ins.add_argument("path")
     ins.add_argument("--prefix", help="where installed models live (default: the user's data directory)")
     ins.add_argument("--key", help="public key the bundle must be signed with")
@@ -226,7 +229,20 @@ def _sampling(args) -> dict:
 def _load(args):
     import jishi
 
-    return jishi.load(args.bundle, threads=args.threads, context=args.context, force=args.force)
+    model = jishi.load(args.bundle, threads=args.threads, context=args.context, force=args.force)
+    if args.verbose:
+        print(_settings_text(model.settings, model.engine.session.get_providers()), file=sys.stderr)
+    return model
+
+
+def _settings_text(settings, active: list[str] | None = None) -> str:
+    rows = settings.describe()
+    if active is not None:
+        rows.append(("session providers", " > ".join(active)))
+    if settings.why:
+        rows.append(("why", settings.why))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
 def _run(args) -> int:
@@ -350,9 +366,12 @@ def _sign(args) -> int:
 
 
 def _pack(args) -> int:
-    from jishi.export.pack import pack_bundle
+    from jishi.export.pack import pack_adapter, pack_bundle
 
-    out = pack_bundle(args.bundle, args.output, sign_key=args.sign)
+    if args.adapter:
+        out = pack_adapter(args.bundle, args.adapter, args.output, sign_key=args.sign)
+    else:
+        out = pack_bundle(args.bundle, args.output, sign_key=args.sign)
     print(f"{out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -361,21 +380,30 @@ def _verify(args) -> int:
     import tempfile
     from pathlib import Path
 
+    from jishi.runtime.adapter_delivery import ADAPTER_MANIFEST, read_adapter_dir
     from jishi.runtime.archive import unpack
     from jishi.runtime.bundle import open_bundle
+    from jishi.runtime.manifest import MANIFEST
 
     path = Path(args.path)
     with tempfile.TemporaryDirectory(prefix="jishi-verify-") as tmp:
         if path.is_file():
             unpack(path, Path(tmp))
             path = Path(tmp)
-        bundle = open_bundle(path, key=args.key)
+        if (path / ADAPTER_MANIFEST).is_file() and not (path / MANIFEST).exists():
+            am, _, signed = read_adapter_dir(path, key=args.key)
+            what = (f"adapter {am.name} for {am.bundle}: rank {am.adapter['rank']}, {','.join(am.adapter['targets'])}, "
+                    f"{sum(f.size for f in am.files.values()) / 1e6:.1f} MB")
+            count = ""
+        else:
+            bundle = open_bundle(path, key=args.key)
+            signed, what = bundle.signed, bundle.manifest.name
+            count = f"{len(bundle.manifest.files)} files, {bundle.size / 1e6:.1f} MB, "
         if args.key:
             sig = f"signature valid ({Path(args.key).name})"
         else:
-            sig = "signed (signature not checked: pass --key)" if bundle.signed else "not signed"
-        print(f"OK  {bundle.manifest.name}: {len(bundle.manifest.files)} files, "
-              f"{bundle.size / 1e6:.1f} MB, every sha256 matches; {sig}")
+            sig = "signed (signature not checked: pass --key)" if signed else "not signed"
+        print(f"OK  {what}: {count}every sha256 matches; {sig}")
     return 0
 
 
@@ -385,7 +413,10 @@ def _install(args) -> int:
     path = install(args.path, prefix=args.prefix, key=args.key)
     if not args.key:
         print("warning: installed without checking a signature (pass --key PUB to require one)", file=sys.stderr)
-    print(f"installed {path.name.split('@')[0]} → {path}")
+    from jishi.runtime.bundle import open_bundle
+
+    adapters = [a["name"] for a in open_bundle(path, verify_hashes=False).manifest.adapters]
+    print(f"installed {path.name.split('@')[0]} → {path}" + (f" (adapters: {', '.join(adapters)})" if adapters else ""))
     return 0
 
 
@@ -396,10 +427,9 @@ def _list(args) -> int:
     if not rows:
         print(f"no models installed in {models_dir(args.prefix)}")
         return 0
-    w = max(len(r.name) for r in rows)
-    print(f"{'name':<{w}}  {'quant':<5}  {'size':>9}  signed  path")
-    for r in rows:
-        print(f"{r.name:<{w}}  {r.quantization:<5}  {r.size / 1e6:7.1f} MB  {'yes' if r.signed else 'no ':<6}  {r.path}")
+    print(_table(["name", "quant", "size", "signed", "adapters", "path"],
+                 [[r.name, r.quantization, f"{r.size / 1e6:.1f} MB", "yes" if r.signed else "no",
+                   ", ".join(r.adapters) or "-", str(r.path)] for r in rows]))
     return 0
 
 
@@ -427,6 +457,10 @@ def _devices(args) -> int:
         rows.append(("closest profile", f"{match.id} ({match.name})" if match else "none of this architecture"))
         w = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+        from jishi.runtime.settings import choose
+
+        print("\nruntime settings (onnxruntime):")
+        print("\n".join("  " + line for line in _settings_text(choose(match, machine.cores)).splitlines()))
         return 0
     rows = [[p.id, p.arch, str(p.cores), f"{p.ram_gb:g} GB", f"{p.bandwidth_gbs:.0f} GB/s", ", ".join(p.isa), p.name]
             for p in load_profiles()]
@@ -530,8 +564,14 @@ def describe(bundle) -> str:
         ("base", f"{m.provenance.get('base')} ({m.provenance.get('base_source')}, sha256 "
                  f"{(m.provenance.get('base_sha256') or '-')[:12]})"),
         ("signed", "yes" if bundle.signed else "no"),
-        ("adapters", ", ".join(a["name"] for a in m.adapters) or "none"),
+        ("adapters", ", ".join(a["name"] + (" (delivered)" if a.get("delivered") else "") for a in m.adapters) or "none"),
     ]
+    from jishi.runtime.settings import for_this_machine
+
+    s = for_this_machine()
+    rows.append(("runtime here", f"{s.threads} threads, {' > '.join(s.providers)}, arena {'on' if s.cpu_mem_arena else 'off'}, "
+                                 f"prepacking {'on' if s.prepacking else 'off'}, spinning {'on' if s.spinning else 'off'} "
+                                 f"({'profile ' + s.profile if s.profile else 'defaults'})"))
     ev = m.evaluation
     if ev:
         rows.append(("quality", f"perplexity {ev['perplexity']:.2f} (reference {ev['reference_perplexity']:.2f}, "

@@ -22,15 +22,22 @@ from jishi.runtime.manifest import MANIFEST, SIGNATURE, Manifest
 @dataclass(frozen=True)
 class Bundle:
     root: Path
-    manifest: Manifest
-    manifest_bytes: bytes
+    manifest: Manifest  # as the runtime sees it: delivered adapters (added/*) merged in
+    manifest_bytes: bytes  # manifest.json exactly as built and signed
+    added: tuple = ()  # the delivered adapters (runtime.adapter_delivery.Added), each verified
 
     def path(self, relative: str) -> Path:
         return self.root / relative
 
     @property
     def signed(self) -> bool:
-        return (self.root / SIGNATURE).is_file()
+        """The bundle and every delivered adapter carry a signature."""
+        return (self.root / SIGNATURE).is_file() and all(a.signed for a in self.added)
+
+    @property
+    def version_bytes(self) -> bytes:
+        """What tells one installed version from another: the manifest and every delivered adapter's."""
+        return self.manifest_bytes + b"".join(b"\0" + a.raw for a in self.added)
 
     @property
     def size(self) -> int:
@@ -67,7 +74,9 @@ def open_bundle(root: str | Path, verify_hashes: bool = True, key: str | Path | 
     """Verify and open a bundle directory.
 
     With ``key`` (a public key file) the bundle must carry a valid signature by it;
-    the signature is checked on the manifest's bytes before they are parsed.
+    the signature is checked on the manifest's bytes before they are parsed. Delivered
+    adapters (``added/NAME/``, see runtime.adapter_delivery) are verified the same way, each
+    against its own signature, and must be for this bundle's base.
     """
     root = Path(root)
     if not root.exists():
@@ -95,7 +104,12 @@ def open_bundle(root: str | Path, verify_hashes: bool = True, key: str | Path | 
             raise BundleError(f"{name} is {size} bytes, the manifest says {entry.size}: the file is damaged or truncated")
         if verify_hashes and sha256_of(path) != entry.sha256:
             raise BundleError(f"{name} does not match its sha256 in the manifest: the file is damaged or was changed")
+    from jishi.runtime.adapter_delivery import read_added, with_added
+
+    added = read_added(root, manifest, key=key, verify_hashes=verify_hashes)
     listed = set(manifest.files) | {MANIFEST, SIGNATURE}
+    for a in added:
+        listed |= a.paths
     for path in root.rglob("*"):
         rel = path.relative_to(root).as_posix()
         if path.is_symlink():
@@ -110,7 +124,7 @@ def open_bundle(root: str | Path, verify_hashes: bool = True, key: str | Path | 
         if name not in manifest.files:
             raise BundleError(f"the manifest refers to {name!r} but does not list it among its files")
         check_external_data(root / name, root, set(manifest.files))
-    return Bundle(root=root, manifest=manifest, manifest_bytes=raw)
+    return Bundle(root=root, manifest=with_added(manifest, added), manifest_bytes=raw, added=tuple(added))
 
 
 def _os_clutter(name: str) -> bool:

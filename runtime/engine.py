@@ -28,14 +28,13 @@ PREFILL_CHUNK = 512  # tokens per prefill run: bounds the attention scratch memo
 KV_STEP = 256  # the cache grows by whole steps of this many positions
 
 
-def make_session(path: Path, threads: int, providers: list[str] | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+def make_session(path: Path, settings) -> ort.InferenceSession:
+    """A session with ``settings`` (runtime.settings.RuntimeSettings, or a thread count with the defaults)."""
+    from jishi.runtime.settings import RuntimeSettings
+
+    if isinstance(settings, int):
+        settings = RuntimeSettings(threads=settings)
+    return ort.InferenceSession(str(path), settings.session_options(), providers=list(settings.providers))
 
 
 class Engine:

@@ -71,12 +71,6 @@ def resolve_bundle(name_or_path: str | os.PathLike) -> Path:
     return found
 
 
-def default_threads() -> int:
-    from jishi.devices.cpu import physical_cores
-
-    return physical_cores()
-
-
 def check_fits(bundle: Bundle, context: int) -> None:
     """Refuse a bundle that will not fit in the memory this machine has available now."""
     from jishi.devices.detect import detect
@@ -113,7 +107,10 @@ class Model:
         self.context = context or built
         if not force:
             check_fits(bundle, self.context)
-        self.threads = threads or default_threads()
+        from jishi.runtime.settings import for_this_machine
+
+        self.settings = for_this_machine(threads)  # from the device profile; ``threads`` overrides its count
+        self.threads = self.settings.threads
         self.tokenizer = Tokenizer(bundle.path(m.tokenizer.file), m.tokenizer)
         mp = m.merge_points or {}
         # A bundle may hold its graph twice over one weights file: with merge points (opened
@@ -127,7 +124,7 @@ class Model:
     def _open(self, graph_file: str) -> Engine:
         m = self.manifest
         try:
-            session = make_session(self.bundle.path(graph_file), self.threads)
+            session = make_session(self.bundle.path(graph_file), self.settings)
         except Exception as e:  # onnxruntime reports a bad graph with its own exception types
             raise BundleError(f"onnxruntime cannot load {graph_file}: {e}") from None
         self.graph_file = graph_file

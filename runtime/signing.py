@@ -28,19 +28,24 @@ def load_public_key(path: str | Path):
     return key
 
 
-def verify_signature(manifest_bytes: bytes, signature: bytes | None, public_key_path: str | Path) -> None:
-    """Raise SignatureError unless ``signature`` is the key's signature of the manifest."""
+def verify_signature(manifest_bytes: bytes, signature: bytes | None, public_key_path: str | Path,
+                     what: str = "the bundle", file: str = "manifest.sig",
+                     sign_hint: str = "sign it with `jishi sign`") -> None:
+    """Raise SignatureError unless ``signature`` is the key's signature of the manifest.
+
+    ``what`` and ``file`` name what is checked in the messages (a bundle and manifest.sig, or
+    an adapter and adapter.sig)."""
     from cryptography.exceptions import InvalidSignature
 
     key = load_public_key(public_key_path)
     if signature is None:
-        raise SignatureError("the bundle is not signed, but a key was given: refusing it (sign it with `jishi sign`)")
+        raise SignatureError(f"{what} is not signed, but a key was given: refusing it ({sign_hint})")
     if len(signature) != SIGNATURE_SIZE:
-        raise SignatureError(f"manifest.sig is {len(signature)} bytes, not an Ed25519 signature ({SIGNATURE_SIZE} bytes)")
+        raise SignatureError(f"{file} is {len(signature)} bytes, not an Ed25519 signature ({SIGNATURE_SIZE} bytes)")
     try:
         key.verify(signature, manifest_bytes)
     except InvalidSignature:
         raise SignatureError(
-            f"the bundle's signature does not match the key {Path(public_key_path).name}: it was changed after "
+            f"{what}'s signature does not match the key {Path(public_key_path).name}: it was changed after "
             "signing, or signed with another key"
         ) from None

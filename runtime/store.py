@@ -7,6 +7,13 @@ pointer file with ``os.replace`` (atomic on every platform). Whenever it is
 interrupted — power cut, full disk, Ctrl-C — the pointer still names the old,
 complete version (or the new, complete one); leftovers are cleaned on the next
 install.
+
+An adapter-only archive (see runtime.adapter_delivery) is installed the same way:
+it is verified in a staging directory, checked against the active version of the
+model it is for, and a new version is assembled beside it — the active version's
+files hard-linked (copied where the filesystem cannot link), the adapter under
+``added/NAME/`` — then the pointer is switched. The active version is never
+written to.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from jishi.errors import BundleError, JishiError
+from jishi.errors import AdapterError, BundleError, JishiError
 
 POINTER = ".current"
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -68,6 +75,7 @@ class Installed:
     size: int
     quantization: str
     signed: bool
+    adapters: tuple[str, ...] = ()
 
 
 def list_installed(prefix=None) -> list[Installed]:
@@ -84,7 +92,8 @@ def list_installed(prefix=None) -> list[Installed]:
             b = open_bundle(path, verify_hashes=False)
         except BundleError:
             continue
-        out.append(Installed(name, path, b.size, b.manifest.graph.quantization.get("name", "?"), b.signed))
+        out.append(Installed(name, path, b.size, b.manifest.graph.quantization.get("name", "?"), b.signed,
+                             tuple(a["name"] for a in b.manifest.adapters)))
     return out
 
 
@@ -115,12 +124,15 @@ def fsync_dir(path: Path) -> None:
 
 def install(source: str | Path, prefix=None, key: str | Path | None = None,
             hook: Callable[[str], None] | None = None) -> Path:
-    """Verify and activate a bundle (a ``.jishi`` archive or a directory); returns the installed path.
+    """Verify and activate a bundle, or an adapter for an installed model (a ``.jishi``
+    archive or a directory); returns the installed version's path.
 
     ``hook(step)`` is called after each step (tests interrupt installs there).
     """
+    from jishi.runtime.adapter_delivery import ADAPTER_MANIFEST
     from jishi.runtime.archive import unpack
     from jishi.runtime.bundle import open_bundle
+    from jishi.runtime.manifest import MANIFEST
 
     step = hook or (lambda _: None)
     source = Path(source)
@@ -129,6 +141,7 @@ def install(source: str | Path, prefix=None, key: str | Path | None = None,
     _cleanup(root)
     staging = root / f".staging-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
+    assembled = None
     try:
         if source.is_dir():
             for p in source.rglob("*"):
@@ -139,12 +152,18 @@ def install(source: str | Path, prefix=None, key: str | Path | None = None,
             free = shutil.disk_usage(root).free
             unpack(source, staging, max_bytes=free)
         step("unpacked")
-        bundle = open_bundle(staging, key=key)
-        step("verified")
-        name = bundle.manifest.name
-        if not valid_name(name):
-            raise BundleError(f"the bundle's name {name!r} is not usable as an installed name")
-        digest = hashlib.sha256(bundle.manifest_bytes).hexdigest()[:12]
+        if (staging / ADAPTER_MANIFEST).exists() and not (staging / MANIFEST).exists():
+            assembled = root / f".staging-{uuid.uuid4().hex[:12]}"
+            name, digest = _assemble_with_adapter(staging, assembled, root, prefix, key, step)
+            shutil.rmtree(staging)
+            staging = assembled
+        else:
+            bundle = open_bundle(staging, key=key)
+            step("verified")
+            name = bundle.manifest.name
+            if not valid_name(name):
+                raise BundleError(f"the bundle's name {name!r} is not usable as an installed name")
+            digest = hashlib.sha256(bundle.version_bytes).hexdigest()[:12]
         version = root / f"{name}@{digest}"
         if version.exists():
             shutil.rmtree(staging)
@@ -163,13 +182,63 @@ def install(source: str | Path, prefix=None, key: str | Path | None = None,
         fsync_dir(root)
         step("activated")
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging, assembled)
         raise JishiError(f"installing failed ({e}); the previously installed version, if any, is unchanged") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging, assembled)
         raise
     _cleanup(root)
     return version
+
+
+def _discard(*paths: Path | None) -> None:
+    for p in paths:
+        if p is not None:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _assemble_with_adapter(incoming: Path, target: Path, root: Path, prefix, key, step) -> tuple[str, str]:
+    """Build in ``target`` the next version of the model that the adapter in ``incoming`` is for:
+    the active version's files plus ``added/NAME/``. Returns the model's name and the version's digest."""
+    from jishi.runtime.adapter_delivery import ADDED, check_fits, read_adapter_dir
+    from jishi.runtime.bundle import open_bundle
+
+    am, _, _ = read_adapter_dir(incoming, key=key)
+    step("verified")
+    current = installed_path(am.bundle, prefix) if valid_name(am.bundle) else None
+    if current is None:
+        raise AdapterError(f"the adapter {am.name!r} is for the model {am.bundle!r}, which is not installed in {root}: "
+                           f"install its bundle first (jishi install {am.bundle}.jishi), then this adapter; nothing was changed")
+    base = open_bundle(current)  # what the new version is built from, verified again
+    check_fits(base, am, incoming / am.adapter["file"])
+    replaced = Path(ADDED, am.name)
+    target.mkdir()
+    for src in sorted(current.rglob("*")):
+        rel = src.relative_to(current)
+        if rel == replaced or replaced in rel.parents:
+            continue  # an earlier delivery of this adapter: replaced by the new one
+        dst = target / rel
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(src, dst)
+    (target / replaced).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(incoming, target / replaced)
+    incoming.mkdir()  # the caller removes it
+    step("linked")
+    bundle = open_bundle(target, verify_hashes=False)  # base files are the verified ones, linked; the adapter checked above
+    if am.name not in {a["name"] for a in bundle.manifest.adapters}:
+        raise BundleError(f"the adapter {am.name!r} did not assemble into {am.bundle!r}; nothing was changed")
+    return am.bundle, hashlib.sha256(bundle.version_bytes).hexdigest()[:12]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Share the file of an immutable version (a hard link); copy where links are not possible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def fsync_tree(path: Path) -> None:

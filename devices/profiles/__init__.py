@@ -29,6 +29,7 @@ class Profile:
     cpu_parts: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
     notes: str = ""
+    runtime: tuple[tuple[str, object], ...] = ()  # the [runtime] table: onnxruntime settings and why (runtime/settings.py)
 
     @property
     def bandwidth_gbs(self) -> float:
@@ -49,6 +50,7 @@ def _profile(path: Path) -> Profile:
     body = tomllib.loads(path.read_text())
     known = set(Profile.__dataclass_fields__)
     kwargs = {k: (tuple(v) if k in _TUPLES else v) for k, v in body.items() if k in known}
+    kwargs["runtime"] = tuple(sorted(body.get("runtime", {}).items()))
     return Profile(**kwargs)
 
 
