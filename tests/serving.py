@@ -18,31 +18,37 @@ def artifacts_dir() -> Path:
     return ARTIFACTS
 
 
-def build_adapted(tiny_dirs, root: Path) -> Path:
-    """The tiny Llama (fp32, context 256, merge points) with a LoRA adapter named 'alpha'."""
+def add_peft_adapter(base_dir: Path, bundle: Path, root: Path, name: str = "alpha", seed: int = 1) -> None:
+    """Make a random PEFT LoRA adapter for the base (q, v and down projections) and add it to the bundle."""
+    import peft
     import torch
     import transformers
-    import peft
 
     from jishi.export.adapters import add_adapter
-    from jishi.pipeline import build
 
-    torch.manual_seed(1)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                       target_modules=["q_proj", "v_proj", "down_proj"]))
     with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_" in name:
+        for pname, p in lora.named_parameters():
+            if "lora_" in pname:
                 p.normal_(0.0, 0.1)  # peft starts B at zero: make the adapter change the answers
-    lora.save_pretrained(root / "alpha")
+    lora.save_pretrained(root / name)
+    add_adapter(bundle, name, root / name)
+
+
+def build_adapted(tiny_dirs, root: Path) -> Path:
+    """The tiny Llama (fp32, context 256, merge points) with a LoRA adapter named 'alpha'."""
+    from jishi.pipeline import build
+
     bundle = build(str(tiny_dirs["llama"]), "fp32", root / "served", context=256, evaluate=False, quiet=True,
                    merge_points=True)
-    add_adapter(bundle, "alpha", root / "alpha")
+    add_peft_adapter(tiny_dirs["llama"], bundle, root)
     return bundle
 
 
-def build_endless(tokenizer, root: Path) -> Path:
+def build_endless(tokenizer, root: Path, adapter: bool = False) -> Path:
     """A larger tiny model (about 3 ms a token on one core) with a context of 4096 and no EOS token:
     it writes until its length limit, so a test has time to stop it while it is generating."""
     from conftest import make_tiny
@@ -53,7 +59,9 @@ def build_endless(tokenizer, root: Path) -> Path:
 
     base = make_tiny("llama", root / "endless-base", tokenizer, layers=8, hidden_size=384, intermediate_size=768,
                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096)
-    bundle = build(str(base), "fp32", root / "endless", context=4096, evaluate=False, quiet=True)
+    bundle = build(str(base), "fp32", root / "endless", context=4096, evaluate=False, quiet=True, merge_points=adapter)
+    if adapter:
+        add_peft_adapter(base, bundle, root)
     m = open_bundle(bundle).manifest
     write_manifest(Path(bundle), replace(m, tokenizer=replace(m.tokenizer, eos_token_ids=[])))
     return bundle
