@@ -101,8 +101,8 @@ def encode_record(tokenizer, messages: list[dict], max_length: int) -> tuple[lis
         if not prompt.startswith(done) or not upto.startswith(prompt):
             raise JishiError("the chat template does not render conversations as growing prefixes; "
                              "cannot tell the assistant's part apart")
-        head = tokenizer.encode(prompt[len(done):], bos=False)
-        answer = tokenizer.encode(upto[len(prompt):], bos=False)
+        head = tokenizer.encode(prompt.after(len(done)), bos=False)
+        answer = tokenizer.encode(upto.after(len(prompt)), bos=False)
         ids += head + answer
         train += [False] * len(head) + [True] * len(answer)
         done = upto

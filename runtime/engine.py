@@ -67,6 +67,10 @@ class Engine:
         if self._base:
             self.set_inputs({})
 
+    def sibling(self) -> "Engine":
+        """Another engine on the same session (weights shared), with its own cache and buffers."""
+        return Engine(self.session, self.cfg, self.context, self._base)
+
     @property
     def capacity(self) -> int:
         """Positions the cache has room for now (it grows up to the context)."""

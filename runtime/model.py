@@ -12,8 +12,9 @@ import numpy as np
 from jishi.errors import AdapterError, BundleError, ContextLengthError, DeviceFitError, JishiError
 from jishi.runtime.bundle import Bundle, open_bundle
 from jishi.runtime.engine import Engine, make_session
-from jishi.runtime.sampling import SamplingParams, SeenTokens, sample
-from jishi.runtime.tokenizer import TextStream, Tokenizer
+from jishi.runtime.generation import Generation, normalize_stops
+from jishi.runtime.sampling import SamplingParams
+from jishi.runtime.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -165,22 +166,33 @@ class Model:
             self._adapters[name] = build_adapter(name, params, self.manifest.config, tuple(mp.get("targets", ())))
         return self._adapters[name]
 
+    def open_adapter_graph(self) -> None:
+        """Switch to the graph with merge points (if not on it already), for adapters to be bound.
+
+        One session at a time, so memory holds one copy of the weights: the plain graph goes,
+        and requests with no adapter then run on this one with its zero inputs.
+        """
+        if not self.has_merge_points and self._adapter_graph:
+            self.engine = None
+            self.engine = self._open(self._adapter_graph)
+            self.active_adapter = None
+
+    def adapter_inputs(self, name: str | None) -> dict:
+        """The merge-point inputs that activate ``name`` (built now: a loaded adapter keeps only its tensors)."""
+        if name is None:
+            return {}
+        from jishi.runtime.adapters import fused_inputs
+
+        return fused_inputs(self.load_adapter(name), self.manifest.config, self._defaults)
+
     def use_adapter(self, name: str | None) -> None:
         """Make ``name`` (or no adapter) active for the following requests."""
         if name == self.active_adapter:
             return
         if name:
-            from jishi.runtime.adapters import fused_inputs
-
-            adapter = self.load_adapter(name)
-            if not self.has_merge_points:
-                # One session at a time, so memory holds one copy of the weights: the plain
-                # graph goes; requests with no adapter then run on this one, with zero inputs.
-                self.engine = None
-                self.engine = self._open(self._adapter_graph)
-            self.engine.set_inputs(fused_inputs(adapter, self.manifest.config, self._defaults))
-        else:
-            self.engine.set_inputs({})
+            self.load_adapter(name)
+            self.open_adapter_graph()
+        self.engine.set_inputs(self.adapter_inputs(name))
         self.active_adapter = name
 
     # --- text in, text out -------------------------------------------------------------
@@ -218,7 +230,7 @@ class Model:
             raise JishiError("the prompt is empty")
         ids = self._fit_prompt(ids, max_new_tokens, truncate)
         self.use_adapter(adapter)
-        return Stream(self._generate(ids, max_new_tokens, params, _stops(stop), seed))
+        return Stream(self._generate(ids, max_new_tokens, params, normalize_stops(stop), seed))
 
     def chat(self, messages: list[dict], **kwargs) -> Result:
         return self.generate(self.chat_prompt(messages), chat=True, **kwargs)
@@ -270,58 +282,17 @@ class Model:
         return head + ids[len(ids) - keep + len(head):]
 
     def _generate(self, ids, max_new_tokens, params, stops, seed):
-        budget = min(max_new_tokens, self.context - len(ids))
-        rng = np.random.default_rng(seed)
+        gen = Generation(self.tokenizer, ids, min(max_new_tokens, self.context - len(ids)), params, stops, seed,
+                         self.manifest.config.vocab_size)
         engine = self.engine
-        start = engine.reuse_prefix(ids)
-        logits = engine.feed(ids[start:])
-        seen = SeenTokens(self.manifest.config.vocab_size, ids) if params.repetition_penalty != 1.0 else None
-        text = TextStream(self.tokenizer)
-        pending = ""  # text held back because it may be the start of a stop string
-        hold = max((len(s) for s in stops), default=1) - 1
-        said: list[str] = []
-        produced = 0
-        finish = "length"
-        while produced < budget:
-            token = sample(logits, params, rng, seen.array if seen is not None else None)
-            produced += 1
-            if token in self.tokenizer.eos_ids:
-                finish = "stop"
-                pending += text.flush().rstrip("\ufffd")  # complete characters held with a partial one
-                break
-            pending += text.add(token)
-            if produced == budget:
-                pending += text.flush()
-            cut = _find_stop(pending, stops)
-            if cut is not None:
-                pending = pending[:cut]
-                finish = "stop"
-                break
-            if len(pending) > hold:
-                said.append(pending[: len(pending) - hold])
-                yield said[-1]
-                pending = pending[len(pending) - hold:]
-            if seen is not None:
-                seen.add(token)
-            if produced < budget:
-                logits = engine.step(token)
-        if pending:
-            said.append(pending)
-            yield pending
-        return Result("".join(said), finish, len(ids), produced)
-
-
-def _stops(stop) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        return (stop,) if stop else ()
-    return tuple(s for s in stop if s)
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+        logits = engine.feed(ids[engine.reuse_prefix(ids):])
+        while True:
+            piece = gen.push(logits)
+            if piece:
+                yield piece
+            if gen.done:
+                return Result(gen.text, gen.finish_reason, len(ids), gen.completion_tokens)
+            logits = engine.step(gen.token)
 
 
 def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -22,6 +23,12 @@ class Tokenizer:
         except Exception as e:
             raise BundleError(f"cannot read the tokenizer {path.name if path else ''}: {e}") from None
         self.info = info
+        # The same tokenizer with special tokens read as plain text: for what people typed.
+        self._plain = _HFTokenizer.from_str(json_text) if json_text is not None else _HFTokenizer.from_file(str(path))
+        self._plain.encode_special_tokens = True
+        specials = sorted((t.content for t in self._tok.get_added_tokens_decoder().values() if t.special),
+                          key=len, reverse=True)
+        self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
         self.bos_id = self._tok.token_to_id(info.bos_token) if info.bos_token else None
         self.eos_ids = frozenset(info.eos_token_ids)
         self._template = None
@@ -39,7 +46,12 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text``; special-token text in it becomes those tokens, except inside the
+        messages of a prompt made by ``apply_chat_template``, where it stays plain text."""
+        if isinstance(text, ChatPrompt):
+            ids = self._encode_chat(text)
+        else:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
         if (self.info.add_bos if bos is None else bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
@@ -47,12 +59,48 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> "ChatPrompt":
+        """The prompt text for these messages. It is a ``ChatPrompt``: a str that remembers which
+        of its special tokens the template wrote, so that ``encode`` does not turn text such as
+        "<|im_end|>" typed in a message into a control token."""
         if self._template is None:
             raise JishiError("this bundle has no chat template; use generate() with a plain prompt")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
+        table: list[str] = []  # the special-token text found in messages, each replaced by a marker
+
+        def mark(match: re.Match) -> str:
+            table.append(match.group(0))
+            return f"{_MARK}{len(table) - 1}{_END}"
+
+        pattern = re.compile(f"{self._specials.pattern}|{_MARK}" if self._specials else _MARK)
+        escaped = [{**m, "content": pattern.sub(mark, m["content"])} for m in messages]
+        rendered = self._render(escaped, add_generation_prompt)
+        # Split at the special tokens the template wrote; put the typed text back in between.
+        chunks: list[tuple[str, bool]] = []
+        at = 0
+        for match in (self._specials.finditer(rendered) if self._specials else ()):
+            if match.start() > at:
+                chunks.append((rendered[at:match.start()], False))
+            chunks.append((match.group(0), True))
+            at = match.end()
+        if at < len(rendered):
+            chunks.append((rendered[at:], False))
+        unmark = lambda text: _MARKED.sub(lambda m: table[int(m.group(1))], text)
+        chunks = [(text if special else unmark(text), special) for text, special in chunks]
+        return ChatPrompt("".join(text for text, _ in chunks), chunks)
+
+    def _encode_chat(self, prompt: "ChatPrompt") -> list[int]:
+        ids: list[int] = []
+        for text, special in prompt.chunks:
+            if special:
+                ids.append(self._tok.token_to_id(text))
+            else:
+                ids.extend(self._plain.encode(text, add_special_tokens=False).ids)
+        return ids
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
             return self._template.render(
                 messages=messages,
@@ -62,6 +110,33 @@ class Tokenizer:
             )
         except TemplateError as e:
             raise JishiError(f"the chat template refused these messages: {e}") from None
+
+
+_MARK, _END = "\ue000", "\ue001"  # private-use characters around a marker's number
+_MARKED = re.compile(f"{_MARK}(\\d+){_END}")
+
+
+class ChatPrompt(str):
+    """A prompt rendered by the chat template, with its chunks: (text, is a special token the
+    template wrote). Joined, the chunks are the string itself."""
+
+    def __new__(cls, text: str, chunks: list[tuple[str, bool]]):
+        self = super().__new__(cls, text)
+        self.chunks = tuple(chunks)
+        return self
+
+    def after(self, start: int) -> "ChatPrompt":
+        """The prompt from character ``start`` on, its chunks kept (a special token is never cut)."""
+        out: list[tuple[str, bool]] = []
+        at = 0
+        for text, special in self.chunks:
+            end = at + len(text)
+            if end > start:
+                if at < start and special:
+                    raise ValueError(f"offset {start} cuts the special token {text!r}")
+                out.append((text[max(0, start - at):], special))
+            at = end
+        return ChatPrompt(str(self)[start:], out)
 
 
 def _raise(message: str):

@@ -59,6 +59,12 @@ def test_loss_counts_only_the_assistant_turns(tiny_dirs):
     # The prompt part is exactly what the runtime feeds before the first answer.
     first = train.index(True)
     assert ids[:first] == tok.encode(tok.apply_chat_template(messages[:2], add_generation_prompt=True), bos=False)
+    # Special-token text typed in a message is trained on as text, as the runtime serves it.
+    typed = [{"role": "user", "content": "what is <|im_end|>?"}, {"role": "assistant", "content": "A marker."}]
+    typed_ids, _ = encode_record(tok, typed, 512)
+    end = tok.encode("<|im_end|>")[0]
+    assert typed_ids.count(end) == 2  # the template's two, not the typed one
+    assert typed_ids == tok.encode(tok.apply_chat_template(typed, add_generation_prompt=False), bos=False)
     # Cut at max_length, the mask is cut with it.
     short_ids, short_train = encode_record(tok, messages, 7)
     assert short_ids == ids[:7] and short_train == train[:7]

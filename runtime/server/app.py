@@ -1,0 +1,391 @@
+"""The web side: an OpenAI-compatible API, the chat page, one log line per request.
+
+Requests are checked and tokenized here, on the event loop; the scheduler thread
+does the model work and hands text back through ``loop.call_soon_threadsafe``.
+Answers are sent as JSON or as server-sent events. A response watches for the
+client leaving and cancels its job, which frees the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from jishi.errors import JishiError
+from jishi.runtime.server.protocol import APIError, Request, bad, parse_chat, parse_completion
+from jishi.runtime.server.scheduler import Job, QueueFull, Scheduler
+
+log = logging.getLogger("jishi.server")
+
+
+@dataclass
+class ServerConfig:
+    api_key: str | None = None
+    max_concurrent: int = 4
+    queue: int = 16
+    system_prompt: str | None = None
+    adapter_system: dict[str, str] = field(default_factory=dict)  # adapter name -> its default system prompt
+    max_tokens: int = 512  # the answer's length when a request does not say
+    max_body: int = 1 << 20  # bytes
+
+
+class Server:
+    """The model, its scheduler and the settings, shared by every request."""
+
+    def __init__(self, model, config: ServerConfig):
+        self.model = model
+        self.config = config
+        self.scheduler = Scheduler(model, config.max_concurrent, config.queue)
+        self.created = int(time.time())
+        unknown = set(config.adapter_system) - set(model.adapters)
+        if unknown:
+            raise JishiError(f"--adapter-system names no adapter {', '.join(sorted(unknown))} in this bundle; it has: "
+                             f"{', '.join(model.adapters) or 'none'}")
+        self.systems = {None: config.system_prompt}
+        for entry in model.manifest.adapters:  # a manifest may carry an adapter's own system prompt
+            name = entry["name"]
+            self.systems[name] = config.adapter_system.get(name) or entry.get("system_prompt") or config.system_prompt
+
+    def model_ids(self) -> list[str]:
+        return [self.model.name] + [f"{self.model.name}:{a}" for a in self.model.adapters]
+
+    def resolve_model(self, model_id: str | None) -> str | None:
+        """The adapter a model id asks for (None: the base)."""
+        if model_id is None or model_id == self.model.name:
+            return None
+        base, sep, adapter = model_id.partition(":")
+        if sep and base == self.model.name and adapter in self.model.adapters:
+            return adapter
+        if sep and base == self.model.name:
+            raise APIError(404, f"this server's model has no adapter {adapter!r}; GET /v1/models lists the models "
+                           f"({', '.join(self.model_ids())})", param="model", code="model_not_found")
+        raise APIError(404, f"the model {model_id!r} does not exist here; GET /v1/models lists the models "
+                       f"({', '.join(self.model_ids())})", param="model", code="model_not_found")
+
+
+# --- the log line ----------------------------------------------------------------------
+
+
+class LogRequests:
+    """ASGI middleware: one line per HTTP request, with the generation's figures when there is one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.monotonic()
+        seen = {"status": 500}
+        info = scope.setdefault("state", {}).setdefault("jishi", {})
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            client = scope.get("client")
+            who = f"{client[0]}:{client[1]}" if client else "-"
+            parts = [who, f'"{scope["method"]} {scope["path"]}"', str(info.get("status", seen["status"]))]
+            if "model" in info:
+                ttft = info.get("ttft")
+                parts += [f"model={info['model']}", f"prompt={info.get('prompt_tokens', 0)}",
+                          f"completion={info.get('completion_tokens', 0)}",
+                          f"ttft={ttft * 1000:.0f}ms" if ttft is not None else "ttft=-"]
+                if info.get("finish"):
+                    parts.append(f"finish={info['finish']}")
+            parts.append(f"total={(time.monotonic() - start) * 1000:.0f}ms")
+            log.info(" ".join(parts))
+
+
+# --- answers -------------------------------------------------------------------------------
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class JobResponse(Response):
+    """Runs a job and answers with its JSON, or (``stream``) with server-sent events.
+
+    While it waits it listens to the client: a disconnect cancels the job.
+    """
+
+    def __init__(self, server: Server, job_args: dict, render, stream: bool, info: dict):
+        self.server = server
+        self.job_args = job_args
+        self.render = render  # (kind, value) -> list of SSE data objects, or the final JSON
+        self.stream = stream
+        self.info = info
+        self.background = None
+
+    async def __call__(self, scope, receive, send):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(sink=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)), **self.job_args)
+        scheduler = self.server.scheduler
+        try:
+            scheduler.submit(job)
+        except QueueFull as e:
+            err = APIError(429, f"all {len(scheduler.slots)} answer slots are busy and {scheduler.queue_limit} requests "
+                           f"are waiting; retry in {e.retry_after} s", type="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": str(e.retry_after)})
+            return await error_response(err)(scope, receive, send)
+
+        async def watch():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    scheduler.cancel(job)
+                    return
+
+        watcher = asyncio.create_task(watch())
+        try:
+            if self.stream:
+                await self._stream(job, events, send)
+            else:
+                await self._whole(job, events, scope, receive, send)
+        finally:
+            watcher.cancel()
+            scheduler.cancel(job)  # no-op once it is over
+            self.info["ttft"] = (job.first_token - job.arrived) if job.first_token else None
+            gen = job.gen
+            if gen is not None:
+                self.info["completion_tokens"] = gen.completion_tokens
+                self.info["finish"] = gen.finish_reason if gen.done else "cancelled"
+
+    async def _whole(self, job, events, scope, receive, send):
+        while True:
+            kind, value = await events.get()
+            if kind == "piece":
+                continue
+            if kind == "done":
+                return await JSONResponse(self.render("done", value))(scope, receive, send)
+            if kind == "error":
+                log.error("generation failed: %r", value)
+                err = APIError(500, f"the model failed on this request: {value}", type="server_error", code="internal_error")
+                self.info["status"] = 500
+                return await error_response(err)(scope, receive, send)
+            self.info["status"] = 499  # the client left
+            return
+
+    async def _stream(self, job, events, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no")]})
+
+        async def emit(objects):
+            data = "".join(f"data: {json.dumps(o, ensure_ascii=False)}\n\n" for o in objects)
+            await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
+
+        await emit(self.render("start", None))
+        while True:
+            kind, value = await events.get()
+            if kind == "piece":
+                await emit(self.render("piece", value))
+                continue
+            if kind == "done":
+                await emit(self.render("done", value))
+            elif kind == "error":
+                log.error("generation failed: %r", value)
+                await emit([APIError(500, f"the model failed on this request: {value}", type="server_error",
+                                     code="internal_error").body()])
+            else:
+                self.info["status"] = 499
+                return
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            return
+
+
+# --- the routes ----------------------------------------------------------------------------
+
+
+async def read_json(request: HTTPRequest, limit: int):
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {int(declared)} bytes; this server takes at most {limit}",
+                       code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over {limit} bytes, the most this server takes",
+                           code="body_too_large")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({e}); send a JSON object", None, "invalid_json") from None
+
+
+def check_key(server: Server, request: HTTPRequest) -> None:
+    key = server.config.api_key
+    if not key:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        message = ("the API key is wrong: use the key the server was started with" if given else
+                   "a valid API key is needed: send the header 'Authorization: Bearer KEY' (the server's --api-key)")
+        raise APIError(401, message, type="authentication_error", code="invalid_api_key")
+
+
+def _plan(server: Server, req: Request, info: dict) -> tuple[dict, int]:
+    """Tokenize the request and check it against the context: the job's arguments."""
+    model = server.model
+    adapter = server.resolve_model(req.model)
+    info["model"] = req.model or model.name
+    if req.messages is not None:
+        messages = req.messages
+        system = server.systems.get(adapter)
+        if system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}] + messages
+        if not model.manifest.tokenizer.chat_template:
+            raise bad("this model has no chat template; use /v1/completions", "messages", "unsupported")
+        try:
+            ids = model.tokenizer.encode(model.chat_prompt(messages), bos=False)
+        except Exception as e:  # the template's own refusal (e.g. roles out of order)
+            raise bad(f"the chat template refused these messages: {e}", "messages") from None
+    else:
+        ids = model.tokenizer.encode(req.prompt)
+    info["prompt_tokens"] = len(ids)
+    room = model.context - len(ids)
+    if room < 1:
+        raise bad(f"the prompt is {len(ids)} tokens and the context window is {model.context}: shorten it "
+                  "(or drop old turns of the conversation)", "messages" if req.messages is not None else "prompt",
+                  "context_length_exceeded")
+    if req.max_tokens is not None and req.max_tokens > room:
+        raise bad(f"max_tokens is {req.max_tokens} but only {room} tokens are left in the context window of "
+                  f"{model.context} after the {len(ids)}-token prompt: ask for at most {room}", "max_tokens",
+                  "context_length_exceeded")
+    budget = req.max_tokens or min(server.config.max_tokens, room)
+    return dict(prompt_ids=ids, budget=budget, params=req.params, stops=req.stop, seed=req.seed, adapter=adapter), len(ids)
+
+
+def _usage(prompt: int, gen) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": gen.completion_tokens,
+            "total_tokens": prompt + gen.completion_tokens}
+
+
+def build_app(server: Server) -> Starlette:
+    static = {name: resources.files("jishi.runtime.server").joinpath("static", name).read_bytes()
+              for name in ("index.html", "app.js", "style.css")}
+
+    def guarded(handler):
+        async def endpoint(request: HTTPRequest):
+            try:
+                return await handler(request)
+            except APIError as e:
+                request.scope["state"]["jishi"]["status"] = e.status
+                return error_response(e)
+        return endpoint
+
+    async def generate(request: HTTPRequest, chat: bool):
+        info = request.scope["state"]["jishi"]
+        check_key(server, request)
+        body = await read_json(request, server.config.max_body)
+        req = parse_chat(body) if chat else parse_completion(body)
+        job_args, prompt_tokens = _plan(server, req, info)
+        model_id = req.model or server.model.name
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = ("chat.completion" if chat else "text_completion") + (".chunk" if chat and req.stream else "")
+
+        def chunk(delta_or_text, finish=None):
+            choice = ({"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish} if chat
+                      else {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish})
+            return {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice]}
+
+        def render(kind, value):
+            if not req.stream:  # kind == "done"
+                gen = value
+                choice = ({"index": 0, "message": {"role": "assistant", "content": gen.text}, "logprobs": None,
+                           "finish_reason": gen.finish_reason} if chat else
+                          {"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason})
+                return {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice],
+                        "usage": _usage(prompt_tokens, gen), "system_fingerprint": None}
+            if kind == "start":
+                return [chunk({"role": "assistant", "content": ""})] if chat else []
+            if kind == "piece":
+                return [chunk({"content": value} if chat else value)]
+            out = [chunk({} if chat else "", value.finish_reason)]
+            if req.include_usage:
+                out.append({"id": rid, "object": obj, "created": created, "model": model_id, "choices": [],
+                            "usage": _usage(prompt_tokens, value)})
+            return out
+
+        return JobResponse(server, job_args, render, req.stream, info)
+
+    async def chat_completions(request):
+        return await generate(request, chat=True)
+
+    async def completions(request):
+        return await generate(request, chat=False)
+
+    async def models(request):
+        check_key(server, request)
+        data = [{"id": mid, "object": "model", "created": server.created, "owned_by": "jishi"}
+                for mid in server.model_ids()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "model": server.model.name, "context": server.model.context,
+                             **server.scheduler.status()})
+
+    def page(name, media):
+        async def endpoint(request):
+            return Response(static[name], media_type=media, headers={
+                "cache-control": "no-cache",
+                # Everything the page uses comes from this server: nothing else may load.
+                "content-security-policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'",
+                "x-content-type-options": "nosniff"})
+        return endpoint
+
+    async def not_found(request, exc: HTTPException):
+        status = exc.status_code
+        message = (f"no route {request.method} {request.url.path}; this server has POST /v1/chat/completions, "
+                   "POST /v1/completions, GET /v1/models, GET /health and the chat page at /") if status in (404, 405) \
+            else str(exc.detail)
+        request.scope.setdefault("state", {}).setdefault("jishi", {})["status"] = status
+        return error_response(APIError(status, message, code="not_found" if status == 404 else "method_not_allowed"))
+
+    async def crashed(request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(APIError(500, "the server failed on this request; see its log", type="server_error",
+                                       code="internal_error"))
+
+    routes = [
+        Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
+        Route("/v1/completions", guarded(completions), methods=["POST"]),
+        Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/", page("index.html", "text/html; charset=utf-8"), methods=["GET"]),
+        Route("/static/app.js", page("app.js", "text/javascript; charset=utf-8"), methods=["GET"]),
+        Route("/static/style.css", page("style.css", "text/css; charset=utf-8"), methods=["GET"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.scheduler.start()
+        yield
+        server.scheduler.stop()
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: not_found, Exception: crashed})
+    app.add_middleware(LogRequests)
+    return app

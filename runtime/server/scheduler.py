@@ -1,0 +1,263 @@
+"""Many requests on one model: slots, a bounded queue, and one thread that steps them in turn.
+
+Every slot is an ``Engine`` (its own KV cache) on the model's one onnxruntime
+session, so the weights are in memory once and each slot costs only its cache.
+A single scheduler thread runs every model call. Each round it
+
+1. admits waiting jobs (first come, first served) into free slots, choosing the
+   free slot whose cache already holds the longest start of the prompt;
+2. feeds each prefilling slot one chunk of its prompt, so a long prompt never
+   holds the others up for long;
+3. advances every decoding slot by one token (``decode_round``).
+
+So all active answers progress together and a new one gets its first token
+after at most one round. A job cancelled (its client left) frees its slot at
+the start of the next round, and nothing more is computed for it.
+
+A batched decode step (several slots in one ONNX run) would replace the body
+of ``decode_round``: sample every slot's token, then one run for all of them
+(grouped by adapter, as a batch shares the bound adapter inputs).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from jishi.runtime.generation import Generation
+from jishi.runtime.sampling import SamplingParams
+
+PREFILL_CHUNK = 64  # prompt tokens a slot feeds per round
+_UNBOUND = object()  # a slot's adapter when its bindings are not known
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the queue is at its limit; ``retry_after`` in seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Job:
+    """One request. ``sink(kind, value)`` is called from the scheduler thread with
+    ("piece", text), then once ("done", Generation) or ("error", exception)."""
+
+    prompt_ids: list[int]
+    budget: int
+    params: SamplingParams
+    sink: Callable[[str, object], None]
+    stops: tuple[str, ...] = ()
+    seed: int | None = None
+    adapter: str | None = None
+    arrived: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when a slot took it
+    first_token: float | None = None
+    finished: float | None = None
+    cancelled: bool = False
+    gen: Generation | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Slot:
+    def __init__(self, engine):
+        self.engine = engine
+        self.adapter: str | None = None
+        self.job: Job | None = None
+        self.todo: list[int] = []  # prompt tokens still to feed
+        self.logits: np.ndarray | None = None
+        self.last_used = 0.0
+
+
+class Scheduler:
+    def __init__(self, model, max_concurrent: int = 4, queue_limit: int = 16):
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        if queue_limit < 0:
+            raise ValueError("the queue limit must be 0 or more")
+        self.model = model
+        self.queue_limit = queue_limit
+        for name in model.adapters:  # load every adapter once, up front: errors show at start
+            model.load_adapter(name)
+        if model.adapters:
+            model.open_adapter_graph()  # before the slots share its session
+        self.slots = [Slot(model.engine.sibling()) for _ in range(max_concurrent)]
+        self._adapter_inputs: dict = {None: {}}  # merge-point inputs of the adapters some slot has bound
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._durations: deque[float] = deque(maxlen=32)  # seconds a slot spent per recent job
+        self.tokens_generated = 0
+        self.steps = 0  # model runs, prefill chunks included
+        self.served = 0
+
+    # --- the outside: any thread -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="jishi-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise QueueFull when every slot is busy and the queue is full."""
+        with self._cond:
+            busy = sum(s.job is not None for s in self.slots)
+            if busy + len(self._waiting) >= len(self.slots) + self.queue_limit:
+                raise QueueFull(self._retry_after())
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job: a queued one leaves the queue; a running one frees its slot next round."""
+        with self._cond:
+            job.cancel()
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._finish_cancelled(job)
+            self._cond.notify()
+
+    def status(self) -> dict:
+        with self._cond:
+            return {"slots": len(self.slots), "active": sum(s.job is not None for s in self.slots),
+                    "queued": len(self._waiting), "queue_limit": self.queue_limit, "served": self.served,
+                    "tokens_generated": self.tokens_generated}
+
+    def _retry_after(self) -> int:
+        per_job = sorted(self._durations)[len(self._durations) // 2] if self._durations else 2.0
+        ahead = len(self._waiting) + 1
+        return int(min(60, max(1, round(per_job * ahead / len(self.slots)))))
+
+    # --- the scheduler thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and all(s.job is None for s in self.slots):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._admit()
+                active = [s for s in self.slots if s.job is not None]
+            for slot in active:
+                if slot.job.cancelled:
+                    self._release(slot, None)
+            active = [s for s in active if s.job is not None]
+            ready = []
+            for slot in active:
+                if slot.todo:
+                    self._guard(slot, self._prefill, slot)
+                if slot.job is not None and not slot.todo:
+                    ready.append(slot)
+            if ready:
+                self.decode_round(ready)
+            time.sleep(0)  # let the event loop thread take the GIL and send what was made
+
+    def _admit(self) -> None:
+        """Move waiting jobs into free slots, oldest first (called with the lock held)."""
+        while self._waiting:
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            job = self._waiting.popleft()
+            slot = max(free, key=lambda s: (s.adapter == job.adapter, _common_prefix(s.engine.tokens, job.prompt_ids),
+                                            -s.last_used))
+            slot.job = job
+            job.started = time.monotonic()
+            self._guard(slot, self._begin, slot)
+
+    def _begin(self, slot: Slot) -> None:
+        job = slot.job
+        if slot.adapter != job.adapter:
+            if job.adapter not in self._adapter_inputs:
+                self._adapter_inputs[job.adapter] = self.model.adapter_inputs(job.adapter)
+            slot.engine.set_inputs(self._adapter_inputs[job.adapter])  # resets the cache
+            slot.adapter = job.adapter
+            bound = {s.adapter for s in self.slots} | {None}
+            for name in [n for n in self._adapter_inputs if n not in bound]:
+                del self._adapter_inputs[name]  # built again when asked for: memory stays with the bound ones
+        start = slot.engine.reuse_prefix(job.prompt_ids)
+        slot.todo = job.prompt_ids[start:]
+        job.gen = Generation(self.model.tokenizer, job.prompt_ids, job.budget, job.params, job.stops, job.seed,
+                             self.model.manifest.config.vocab_size)
+
+    def _prefill(self, slot: Slot) -> None:
+        chunk, slot.todo = slot.todo[:PREFILL_CHUNK], slot.todo[PREFILL_CHUNK:]
+        slot.logits = slot.engine.feed(chunk)
+        self.steps += 1
+
+    def decode_round(self, slots: list[Slot]) -> None:
+        """One token for each of these slots: sample from its logits, hand the text on, run the
+        model on the token. The one place a batched step would go: sample all, then one run."""
+        for slot in slots:
+            self._guard(slot, self._decode_one, slot)
+
+    def _decode_one(self, slot: Slot) -> None:
+        job, gen = slot.job, slot.job.gen
+        piece = gen.push(slot.logits)
+        self.tokens_generated += 1
+        if job.first_token is None:
+            job.first_token = time.monotonic()
+        if piece:
+            job.sink("piece", piece)
+        if gen.done:
+            self._release(slot, gen)
+            return
+        slot.logits = slot.engine.step(gen.token)
+        self.steps += 1
+
+    def _guard(self, slot: Slot, fn, *args) -> None:
+        """Run one unit of a slot's work; an error ends that job alone."""
+        try:
+            fn(*args)
+        except Exception as e:  # the job gets the error; the server goes on
+            slot.engine.reset()
+            slot.adapter = _UNBOUND  # bind again before the next job: the error may have been mid-bind
+            self._release(slot, e)
+
+    def _release(self, slot: Slot, outcome) -> None:
+        job = slot.job
+        slot.job, slot.todo, slot.logits = None, [], None
+        slot.last_used = time.monotonic()
+        if job is None:
+            return
+        job.finished = slot.last_used
+        self._durations.append(job.finished - (job.started or job.arrived))
+        if outcome is None:
+            self._finish_cancelled(job)
+        elif isinstance(outcome, Exception):
+            job.sink("error", outcome)
+        else:
+            self.served += 1
+            job.sink("done", outcome)
+
+    def _finish_cancelled(self, job: Job) -> None:
+        job.finished = job.finished or time.monotonic()
+        job.sink("cancelled", job.gen)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
