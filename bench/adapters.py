@@ -198,7 +198,7 @@ def main() -> None:
     out = RESULTS / f"adapters-{time.strftime('%Y%m%d-%H%M')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\n| variant | decode tok/s | vs no merge points |\n|---|---|---|")
+    print("\n| variant | decode tok/s | vs no merge points |\n|---|---|---|")
     for label, d in result["decode"].items():
         print(f"| {label} | {d['decode_tok_s']:.1f} | {d['ratio_to_no_merge_points']:.3f} |")
     print("\n| bundle | first activation ms | switch ms (median / p95) |\n|---|---|---|")

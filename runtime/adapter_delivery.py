@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from jishi.errors import AdapterError, BundleError
 from jishi.runtime.manifest import FileEntry, Manifest
@@ -142,7 +142,7 @@ class Added:
 def read_adapter_dir(folder: Path, key=None, verify_hashes: bool = True) -> tuple[AdapterManifest, bytes, bool]:
     """Verify an adapter directory (an unpacked archive, or ``added/NAME``): signature with ``key``
     (before the manifest is parsed), then every file's size and sha256, and nothing else in it."""
-    from jishi.runtime.bundle import _no_links, _os_clutter, sha256_of
+    from jishi.runtime.bundle import _os_clutter, check_files
 
     mpath, spath = folder / ADAPTER_MANIFEST, folder / ADAPTER_SIGNATURE
     for p in (mpath, spath):
@@ -158,15 +158,7 @@ def read_adapter_dir(folder: Path, key=None, verify_hashes: bool = True) -> tupl
         verify_signature(raw, spath.read_bytes() if signed else None, key, what="the adapter",
                          file=ADAPTER_SIGNATURE, sign_hint="pack it with `jishi pack BUNDLE --adapter NAME --sign KEY`")
     am = AdapterManifest.from_json(raw)
-    for name, entry in am.files.items():
-        path = _no_links(folder, PurePosixPath(name))
-        if not path.is_file():
-            raise BundleError(f"{name} is listed in {ADAPTER_MANIFEST} but missing; copy the adapter archive again")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise BundleError(f"{name} is {size} bytes, {ADAPTER_MANIFEST} says {entry.size}: the file is damaged or truncated")
-        if verify_hashes and sha256_of(path) != entry.sha256:
-            raise BundleError(f"{name} does not match its sha256 in {ADAPTER_MANIFEST}: the file is damaged or was changed")
+    check_files(folder, am.files, ADAPTER_MANIFEST, verify_hashes, "copy the adapter archive again")
     allowed = set(am.files) | {ADAPTER_MANIFEST, ADAPTER_SIGNATURE}
     for p in folder.rglob("*"):
         rel = p.relative_to(folder).as_posix()

@@ -70,6 +70,19 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_files(root: Path, files: dict, listed_in: str, verify_hashes: bool, missing_hint: str) -> None:
+    """Every file of ``files`` (name → FileEntry) is in ``root``, no link, of its size and (if asked) sha256."""
+    for name, entry in files.items():
+        path = _no_links(root, check_relative(name))
+        if not path.is_file():
+            raise BundleError(f"{name} is listed in {listed_in} but missing; {missing_hint}")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise BundleError(f"{name} is {size} bytes, {listed_in} says {entry.size}: the file is damaged or truncated")
+        if verify_hashes and sha256_of(path) != entry.sha256:
+            raise BundleError(f"{name} does not match its sha256 in {listed_in}: the file is damaged or was changed")
+
+
 def open_bundle(root: str | Path, verify_hashes: bool = True, key: str | Path | None = None) -> Bundle:
     """Verify and open a bundle directory.
 
@@ -95,15 +108,7 @@ def open_bundle(root: str | Path, verify_hashes: bool = True, key: str | Path | 
             raise BundleError(f"{SIGNATURE} in the bundle is a symbolic link; refusing it")
         verify_signature(raw, spath.read_bytes() if spath.is_file() else None, key)
     manifest = Manifest.from_json(raw)
-    for name, entry in manifest.files.items():
-        path = _no_links(root, check_relative(name))
-        if not path.is_file():
-            raise BundleError(f"{name} is listed in the manifest but missing from the bundle; copy the bundle again")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise BundleError(f"{name} is {size} bytes, the manifest says {entry.size}: the file is damaged or truncated")
-        if verify_hashes and sha256_of(path) != entry.sha256:
-            raise BundleError(f"{name} does not match its sha256 in the manifest: the file is damaged or was changed")
+    check_files(root, manifest.files, "the manifest", verify_hashes, "copy the bundle again")
     from jishi.runtime.adapter_delivery import read_added, with_added
 
     added = read_added(root, manifest, key=key, verify_hashes=verify_hashes)
