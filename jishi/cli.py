@@ -647,6 +647,9 @@ def describe(bundle) -> str:
         ("base", f"{m.provenance.get('base')} ({m.provenance.get('base_source')}, sha256 "
                  f"{(m.provenance.get('base_sha256') or '-')[:12]})"),
         ("signed", "yes" if bundle.signed else "no"),
+        ("merge points", (f"{', '.join(m.merge_points['targets'])}, any rank"
+                          + (f" (in {m.merge_points['graph']}, opened when an adapter is used)" if m.merge_points.get("graph") else ""))
+                         if m.merge_points else "none (built with --no-merge-points)"),
         ("adapters", ", ".join(a["name"] + (" (delivered)" if a.get("delivered") else "") for a in m.adapters) or "none"),
     ]
     from jishi.runtime.settings import for_this_machine
