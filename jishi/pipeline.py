@@ -137,7 +137,8 @@ def build(
     return target
 
 
-MERGED_INT4_BUDGET = 0.03  # int4 is recommended for a merged bundle if it loses at most this much perplexity
+MERGED_INT4_BUDGET = 0.03  # int4 is recommended for a merged bundle if it moves perplexity at most this much
+MERGED_AGREEMENT_SLACK = 0.05  # ... and its top-1 agreement with the merged weights is within this of int8's
 
 
 def merged_base(base, name: str, adapter_dir: str | Path):
@@ -186,13 +187,19 @@ def _compare_merged(base, quant: str, evaluation: dict, size: int, context: int,
         figures[q] = {"perplexity": ev["perplexity"], "top1_agreement": ev["top1_agreement"],
                       "loss": round(ev["perplexity"] / ev["reference_perplexity"] - 1, 4), "size_mb": round(q_size / 1e6, 1)}
     ref = evaluation["reference_perplexity"]
-    loss4 = figures["int4"]["loss"]  # relative change of perplexity against the merged fp32 weights
-    if abs(loss4) <= MERGED_INT4_BUDGET:
-        pick, why = "int4", f"int4 changes perplexity by {100 * loss4:+.1f}% on the merged weights (within {100 * MERGED_INT4_BUDGET:.0f}%) and is smaller and faster"
+    four, eight = figures["int4"], figures["int8"]
+    # int4 must keep what the merged weights do: an adapter's change to a 4-bit base is often
+    # smaller than half a 4-bit step, and rounding then puts the weights back on the base's grid.
+    keeps = abs(four["loss"]) <= MERGED_INT4_BUDGET and four["top1_agreement"] >= eight["top1_agreement"] - MERGED_AGREEMENT_SLACK
+    if keeps:
+        pick = "int4"
+        why = (f"int4 keeps the merged weights' behaviour (perplexity {100 * four['loss']:+.1f}%, top-1 agreement "
+               f"{100 * four['top1_agreement']:.0f}%) and is smaller and faster")
     else:
-        pick = "int8" if abs(figures["int8"]["loss"]) < abs(loss4) else "int4"
-        why = (f"int4 changes perplexity by {100 * loss4:+.1f}% on the merged weights (they are off the base's 4-bit "
-               f"grid), int8 by {100 * figures['int8']['loss']:+.1f}%")
+        pick = "int8"
+        why = (f"int4 loses the adapter (perplexity {100 * four['loss']:+.1f}%, top-1 agreement with the merged weights "
+               f"{100 * four['top1_agreement']:.0f}%; int8 {100 * eight['loss']:+.1f}%, {100 * eight['top1_agreement']:.0f}%): "
+               "use int8, or the base's int4 bundle with the adapter added at run time")
     if not quiet:
         print(f"Merged weights: int4 perplexity {figures['int4']['perplexity']:.2f}, int8 {figures['int8']['perplexity']:.2f} "
               f"(fp32 {ref:.2f}); recommended: {pick}", file=sys.stderr)
