@@ -140,12 +140,25 @@ def build_adapter(name: str, params: dict[str, np.ndarray], cfg: ModelConfig,
     return Adapter(name, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}, rank, targets)
 
 
-def fused_inputs(adapter: Adapter, cfg: ModelConfig, defaults: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def fused_inputs(adapter: Adapter, cfg: ModelConfig, defaults: dict[str, np.ndarray],
+                 reuse: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The merge-point inputs that make the graph add ``x·A_t·B_t`` for each of the adapter's targets.
 
     Per fused projection: ``[A_default | A_t …]`` and ``[B_default ; B_t at t's output columns …]``
     (defaults: the int4 zero-point correction, or nothing where it is a zero column).
+    Arrays of ``reuse`` with the right shape are written over instead of allocated (no new
+    pages to fault in: a switch then costs the copy alone); they must not be in use elsewhere.
     """
+    reuse = reuse or {}
+
+    def array(name: str, shape: tuple[int, int], zero: bool) -> np.ndarray:
+        old = reuse.get(name)
+        if old is not None and old.shape == shape:
+            if zero:
+                old.fill(0.0)
+            return old
+        return np.zeros(shape, np.float32) if zero else np.empty(shape, np.float32)
+
     params = adapter.params
     inputs: dict[str, np.ndarray] = {}
     for layer in range(cfg.num_layers):
@@ -160,8 +173,8 @@ def fused_inputs(adapter: Adapter, cfg: ModelConfig, defaults: dict[str, np.ndar
             keep = not (a_def.shape[1] == 1 and not a_def.any() and not b_def.any())
             ranks = [params[f"layers.{layer}.{t}.lora_A"].shape[1] for t in present]
             lead = a_def.shape[1] if keep else 0
-            a = np.empty((a_def.shape[0], lead + sum(ranks)), np.float32)
-            b = np.zeros((lead + sum(ranks), b_def.shape[1]), np.float32)
+            a = array(a_name, (a_def.shape[0], lead + sum(ranks)), zero=False)  # every column is written
+            b = array(b_name, (lead + sum(ranks), b_def.shape[1]), zero=True)
             if keep:
                 a[:, :lead], b[:lead] = a_def, b_def
             offsets, row = _offsets(cfg, group), lead

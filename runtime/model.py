@@ -120,6 +120,7 @@ class Model:
         self.engine = self._open(self._adapter_graph if adapters and self._adapter_graph else m.graph.file)
         self._adapters: dict = {}  # loaded adapters by name
         self._defaults: dict | None = None  # the merge points' default tensors, read once
+        self._workspace: dict = {}  # the active adapter's merge-point inputs
         self.active_adapter: str | None = None
 
     def _open(self, graph_file: str) -> Engine:
@@ -190,9 +191,15 @@ class Model:
         if name == self.active_adapter:
             return
         if name:
-            self.load_adapter(name)
+            from jishi.runtime.adapters import fused_inputs
+
+            adapter = self.load_adapter(name)
             self.open_adapter_graph()
-        self.engine.set_inputs(self.adapter_inputs(name))
+            # One workspace for the active adapter's inputs, written over at each switch.
+            self._workspace = fused_inputs(adapter, self.manifest.config, self._defaults, reuse=self._workspace)
+            self.engine.set_inputs(self._workspace)
+        else:
+            self.engine.set_inputs({})
         self.active_adapter = name
 
     # --- text in, text out -------------------------------------------------------------
