@@ -92,8 +92,11 @@ class BatchEngine:
         self.lanes = [Lane(self, i) for i in range(rows)]
         self._at = list(self.lanes)  # the lane in each row
         self._reserve(min(context, KV_STEP))
-        self.runs = 0
+        self.runs = 0  # model runs, prefill chunks included
         self.swaps = 0
+        self.decode_runs = 0
+        self.decoded_rows = 0  # rows over all decode runs: ÷ decode_runs is the mean batch
+        self.widest = 0  # the most rows one decode run carried
 
     @property
     def capacity(self) -> int:
@@ -214,6 +217,9 @@ class BatchEngine:
         self._total[...] = longest + 1
         self.session.run_with_iobinding(self._binding(lo, hi, inputs, step=True))
         self.runs += 1
+        self.decode_runs += 1
+        self.decoded_rows += len(lanes)
+        self.widest = max(self.widest, len(lanes))
         for lane, token in zip(lanes, tokens):
             lane.tokens.append(token)
         order = [lane.row - lo for lane in lanes]

@@ -335,6 +335,37 @@ def test_concurrent_answers_progress_together_and_equal_the_runtime(endless):
                 assert pieces[i][0][0] < pieces[j][-1][0]
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "unbatched"])
+def test_concurrent_greedy_answers_equal_single_requests_with_and_without_adapters(model, batch):
+    """Many clients at once, some with the adapter: each answer equals the runtime's own for
+    that request alone, whether the rows ran together (per adapter) or one by one."""
+    cases = [(f"{PROMPT} {w}", n, adapter) for w, n, adapter in (
+        ("a", 40, None), ("the", 25, "alpha"), ("list", 33, None), ("is", 18, "alpha"), ("to", 47, None),
+        ("by", 29, "alpha"), ("in", 36, None), ("of", 22, None))]
+    refs = [model.generate(p, max_new_tokens=n, temperature=0, adapter=a).text for p, n, a in cases]
+    with LiveServer(model, max_concurrent=4, queue=8, batch=batch) as s:
+        start = threading.Barrier(len(cases))
+
+        def ask(case):
+            p, n, adapter = case
+            start.wait(timeout=30)
+            name = model.name + (f":{adapter}" if adapter else "")
+            r = post(s, "/v1/completions", {"model": name, "prompt": p, "max_tokens": n, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(cases)) as pool:
+            got = list(pool.map(ask, cases))
+        assert s.health()["batched"] is batch
+        b = s.scheduler.batch
+    assert got == refs
+    if batch:
+        assert b.widest >= 2 and b.decoded_rows > b.decode_runs  # rows really ran together
+        assert b.swaps >= 1  # answers ended out of row order and the rest were compacted
+
+
 # --- the rest of the surface -------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ class ServerConfig:
     adapter_system: dict[str, str] = field(default_factory=dict)  # adapter name -> its default system prompt
     max_tokens: int = 512  # the answer's length when a request does not say
     max_body: int = 1 << 20  # bytes
+    batch: bool = True  # decode the active answers in one run (per adapter) instead of one run each
 
 
 class Server:
@@ -48,7 +49,7 @@ class Server:
     def __init__(self, model, config: ServerConfig):
         self.model = model
         self.config = config
-        self.scheduler = Scheduler(model, config.max_concurrent, config.queue)
+        self.scheduler = Scheduler(model, config.max_concurrent, config.queue, batch=config.batch)
         self.created = int(time.time())
         unknown = set(config.adapter_system) - set(model.adapters)
         if unknown:
