@@ -422,12 +422,13 @@ def test_jishi_serve_runs_warns_on_an_open_host_and_has_a_version(served):
                 time.sleep(0.2)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=30)
         assert r.status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["batched"] is True  # the default
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     seen = err
     assert "warning: listening on 0.0.0.0 without an API key" in seen
-    assert f"serving {jishi.load(served, threads=1).name}" in seen
+    assert f"serving {jishi.load(served, threads=1).name}" in seen and "4 at once batched" in seen
     assert '"POST /v1/completions" 200' in seen and "completion=4" in seen
 
 
@@ -451,7 +452,7 @@ def test_service_install_writes_a_unit(served, tmp_path, capsys):
     from jishi.cli import main
 
     assert main(["service", "install", str(served), "--port", "9000", "--host", "0.0.0.0", "--api-key", "k%1",
-                 "--user", "teacher", "--unit-dir", str(tmp_path)]) == 0
+                 "--user", "teacher", "--no-batch", "--unit-dir", str(tmp_path)]) == 0
     units = list(tmp_path.glob("*.service"))
     assert [u.name for u in units] == [f"jishi-{served.name}.service"]
     text = units[0].read_text()
@@ -461,6 +462,7 @@ def test_service_install_writes_a_unit(served, tmp_path, capsys):
     exec_start = next(line for line in lines if line.startswith("ExecStart="))
     assert exec_start.startswith(f"ExecStart={sys.executable} -m jishi serve {served.resolve()} ")
     assert "--host 0.0.0.0 --port 9000" in exec_start and "--api-key k%%1" in exec_start  # % escaped for systemd
+    assert " --no-batch" in exec_start
     assert oct(units[0].stat().st_mode & 0o777) == "0o600"  # it holds a key
     out = capsys.readouterr().out
     assert "systemctl enable --now" in out
@@ -468,6 +470,7 @@ def test_service_install_writes_a_unit(served, tmp_path, capsys):
     assert main(["service", "install", "some-model", "--unit-dir", str(tmp_path)]) == 0
     text = (tmp_path / "jishi-some-model.service").read_text()
     assert " serve some-model --host 127.0.0.1 --port 8080" in text and "Environment=JISHI_HOME=" in text
+    assert "batch" not in text  # batched is the default: nothing to say
     assert oct((tmp_path / "jishi-some-model.service").stat().st_mode & 0o777) == "0o644"
 
 
