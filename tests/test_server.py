@@ -470,7 +470,7 @@ def test_service_install_writes_a_unit(served, tmp_path, capsys):
     assert main(["service", "install", "some-model", "--unit-dir", str(tmp_path)]) == 0
     text = (tmp_path / "jishi-some-model.service").read_text()
     assert " serve some-model --host 127.0.0.1 --port 8080" in text and "Environment=JISHI_HOME=" in text
-    assert "batch" not in text  # batched is the default: nothing to say
+    assert "--no-batch" not in text and "--batch" not in text  # batched is the default: nothing to say
     assert oct((tmp_path / "jishi-some-model.service").stat().st_mode & 0o777) == "0o644"
 
 
