@@ -122,7 +122,7 @@ class BatchEngine:
         steps = -(-max(needed, 2 * self.capacity) // KV_STEP)
         size = min(self.context, steps * KV_STEP)
         kv = np.zeros(self._kv.shape[:3] + (size, self._kv.shape[4]), np.float32)
-        kept = max(len(lane.tokens) for lane in self.lanes) if hasattr(self, "lanes") else 0
+        kept = max(len(lane.tokens) for lane in self.lanes)
         kv[:, :, :, :kept] = self._kv[:, :, :, :kept]
         self._kv = kv
         self._bindings.clear()  # they point at the old block

@@ -228,8 +228,8 @@ class Scheduler:
                 groups.setdefault(id(slot.engine.inputs), []).append(slot)
         # Every slot's logits are read: rows may move and runs overwrite them now.
         order = list(groups.values())
-        ranges = self.batch.arrange([[s.engine for s in group] for group in order])
-        for group, (lo, _) in zip(order, ranges):
+        self.batch.arrange([[s.engine for s in group] for group in order])  # each group: a contiguous range
+        for group in order:
             group.sort(key=lambda s: s.engine.row)
             try:
                 logits = self.batch.decode([s.engine for s in group], [s.job.gen.token for s in group])
