@@ -177,6 +177,17 @@ def test_special_token_text_typed_by_a_user_stays_text(live, model):
     assert body["choices"][0]["message"]["content"] == model.chat(typed, max_new_tokens=8, temperature=0).text
 
 
+def test_an_event_with_unicode_line_separators_stays_one_line():
+    from httpx._decoders import LineDecoder
+
+    from jishi.runtime.server.app import sse_json
+
+    obj = {"choices": [{"text": "a\u2028b\u2029c\x85d\u00e9\r\n"}]}
+    line = sse_json(obj)
+    assert LineDecoder().decode(f"data: {line}\n") == [f"data: {line}"]  # httpx splits as str.splitlines does
+    assert json.loads(line) == obj and "\u00e9" in line  # other text stays UTF-8
+
+
 # --- refusals --------------------------------------------------------------------------
 
 

@@ -118,6 +118,16 @@ class LogRequests:
 # --- answers -------------------------------------------------------------------------------
 
 
+# Characters JSON may leave as they are but that str.splitlines() (and clients built on it,
+# such as httpx's aiter_lines) takes for line ends: escaped, an event stays one line.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def sse_json(obj) -> str:
+    """``obj`` as JSON on one line for a server-sent event (UTF-8 text kept as it is)."""
+    return json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)
+
+
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -192,7 +202,7 @@ class JobResponse(Response):
             (b"x-accel-buffering", b"no")]})
 
         async def emit(objects):
-            data = "".join(f"data: {json.dumps(o, ensure_ascii=False)}\n\n" for o in objects)
+            data = "".join(f"data: {sse_json(o)}\n\n" for o in objects)
             await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
 
         await emit(self.render("start", None))
