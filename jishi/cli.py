@@ -346,6 +346,9 @@ def _serve_options(p) -> None:
     p.add_argument("--port", type=int, default=8080, help="default 8080")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API (default: $JISHI_API_KEY, or none)")
     p.add_argument("--max-concurrent", type=int, default=4, help="answers generated at once (default 4)")
+    p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode the answers in progress together, one model run per adapter (default); "
+                        "--no-batch runs each answer on its own")
     p.add_argument("--queue", type=int, default=16, help="requests that may wait for a slot; more get HTTP 429 (default 16)")
     p.add_argument("--max-tokens", type=int, default=512, help="answer length when a request does not say (default 512)")
     p.add_argument("--system-prompt", help="system prompt for chats that bring none")
@@ -369,7 +372,7 @@ def _serve_config(args):
         systems[name] = text
     return ServerConfig(api_key=args.api_key or os.environ.get("JISHI_API_KEY") or None,
                         max_concurrent=args.max_concurrent, queue=args.queue, system_prompt=args.system_prompt,
-                        adapter_system=systems, max_tokens=args.max_tokens)
+                        adapter_system=systems, max_tokens=args.max_tokens, batch=args.batch)
 
 
 def _serve(args) -> int:
@@ -390,6 +393,8 @@ def _service_install(args) -> int:
     _serve_config(args)  # the same checks as `jishi serve`, now rather than at boot
     serve_args = ["--host", args.host, "--port", str(args.port), "--max-concurrent", str(args.max_concurrent),
                   "--queue", str(args.queue), "--max-tokens", str(args.max_tokens)]
+    if not args.batch:
+        serve_args.append("--no-batch")
     if args.api_key:  # the unit is then written readable by root only
         serve_args += ["--api-key", args.api_key]
     if args.system_prompt:

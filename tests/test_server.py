@@ -176,6 +176,17 @@ def test_special_token_text_typed_by_a_user_stays_text(live, model):
     assert body["choices"][0]["message"]["content"] == model.chat(typed, max_new_tokens=8, temperature=0).text
 
 
+def test_an_event_with_unicode_line_separators_stays_one_line():
+    from httpx._decoders import LineDecoder
+
+    from jishi.runtime.server.app import sse_json
+
+    obj = {"choices": [{"text": "a\u2028b\u2029c\x85d\u00e9\r\n"}]}
+    line = sse_json(obj)
+    assert LineDecoder().decode(f"data: {line}\n") == [f"data: {line}"]  # httpx splits as str.splitlines does
+    assert json.loads(line) == obj and "\u00e9" in line  # other text stays UTF-8
+
+
 # --- refusals --------------------------------------------------------------------------
 
 
@@ -334,6 +345,37 @@ def test_concurrent_answers_progress_together_and_equal_the_runtime(endless):
                 assert pieces[i][0][0] < pieces[j][-1][0]
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "unbatched"])
+def test_concurrent_greedy_answers_equal_single_requests_with_and_without_adapters(model, batch):
+    """Many clients at once, some with the adapter: each answer equals the runtime's own for
+    that request alone, whether the rows ran together (per adapter) or one by one."""
+    cases = [(f"{PROMPT} {w}", n, adapter) for w, n, adapter in (
+        ("a", 40, None), ("the", 25, "alpha"), ("list", 33, None), ("is", 18, "alpha"), ("to", 47, None),
+        ("by", 29, "alpha"), ("in", 36, None), ("of", 22, None))]
+    refs = [model.generate(p, max_new_tokens=n, temperature=0, adapter=a).text for p, n, a in cases]
+    with LiveServer(model, max_concurrent=4, queue=8, batch=batch) as s:
+        start = threading.Barrier(len(cases))
+
+        def ask(case):
+            p, n, adapter = case
+            start.wait(timeout=30)
+            name = model.name + (f":{adapter}" if adapter else "")
+            r = post(s, "/v1/completions", {"model": name, "prompt": p, "max_tokens": n, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(cases)) as pool:
+            got = list(pool.map(ask, cases))
+        assert s.health()["batched"] is batch
+        b = s.scheduler.batch
+    assert got == refs
+    if batch:
+        assert b.widest >= 2 and b.decoded_rows > b.decode_runs  # rows really ran together
+        assert b.swaps >= 1  # answers ended out of row order and the rest were compacted
+
+
 # --- the rest of the surface -------------------------------------------------------------
 
 
@@ -390,12 +432,13 @@ def test_jishi_serve_runs_warns_on_an_open_host_and_has_a_version(served):
                 time.sleep(0.2)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=30)
         assert r.status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["batched"] is True  # the default
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     seen = err
     assert "warning: listening on 0.0.0.0 without an API key" in seen
-    assert f"serving {jishi.load(served, threads=1).name}" in seen
+    assert f"serving {jishi.load(served, threads=1).name}" in seen and "4 at once batched" in seen
     assert '"POST /v1/completions" 200' in seen and "completion=4" in seen
 
 
@@ -419,7 +462,7 @@ def test_service_install_writes_a_unit(served, tmp_path, capsys):
     from jishi.cli import main
 
     assert main(["service", "install", str(served), "--port", "9000", "--host", "0.0.0.0", "--api-key", "k%1",
-                 "--user", "teacher", "--unit-dir", str(tmp_path)]) == 0
+                 "--user", "teacher", "--no-batch", "--unit-dir", str(tmp_path)]) == 0
     units = list(tmp_path.glob("*.service"))
     assert [u.name for u in units] == [f"jishi-{served.name}.service"]
     text = units[0].read_text()
@@ -429,6 +472,7 @@ def test_service_install_writes_a_unit(served, tmp_path, capsys):
     exec_start = next(line for line in lines if line.startswith("ExecStart="))
     assert exec_start.startswith(f"ExecStart={sys.executable} -m jishi serve {served.resolve()} ")
     assert "--host 0.0.0.0 --port 9000" in exec_start and "--api-key k%%1" in exec_start  # % escaped for systemd
+    assert " --no-batch" in exec_start
     assert oct(units[0].stat().st_mode & 0o777) == "0o600"  # it holds a key
     out = capsys.readouterr().out
     assert "systemctl enable --now" in out
@@ -436,6 +480,7 @@ def test_service_install_writes_a_unit(served, tmp_path, capsys):
     assert main(["service", "install", "some-model", "--unit-dir", str(tmp_path)]) == 0
     text = (tmp_path / "jishi-some-model.service").read_text()
     assert " serve some-model --host 127.0.0.1 --port 8080" in text and "Environment=JISHI_HOME=" in text
+    assert "--no-batch" not in text and "--batch" not in text  # batched is the default: nothing to say
     assert oct((tmp_path / "jishi-some-model.service").stat().st_mode & 0o777) == "0o644"
 
 

@@ -36,7 +36,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8080, config=None) -> None
     log.setLevel(logging.INFO)
     log.propagate = False
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
-    print(f"jishi: serving {model.name} (context {model.context}, {config.max_concurrent} at once, "
+    print(f"jishi: serving {model.name} (context {model.context}, {config.max_concurrent} at once{' batched' if config.batch else ''}, "
           f"{config.queue} queued) on http://{shown}:{port}/  (chat page; API under /v1). Ctrl-C stops.",
           file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(build_app(server), host=host, port=port, log_level="warning", access_log=False,

@@ -40,6 +40,7 @@ class ServerConfig:
     adapter_system: dict[str, str] = field(default_factory=dict)  # adapter name -> its default system prompt
     max_tokens: int = 512  # the answer's length when a request does not say
     max_body: int = 1 << 20  # bytes
+    batch: bool = True  # decode the active answers in one run (per adapter) instead of one run each
 
 
 class Server:
@@ -48,7 +49,7 @@ class Server:
     def __init__(self, model, config: ServerConfig):
         self.model = model
         self.config = config
-        self.scheduler = Scheduler(model, config.max_concurrent, config.queue)
+        self.scheduler = Scheduler(model, config.max_concurrent, config.queue, batch=config.batch)
         self.created = int(time.time())
         unknown = set(config.adapter_system) - set(model.adapters)
         if unknown:
@@ -115,6 +116,16 @@ class LogRequests:
 
 
 # --- answers -------------------------------------------------------------------------------
+
+
+# Characters JSON may leave as they are but that str.splitlines() (and clients built on it,
+# such as httpx's aiter_lines) takes for line ends: escaped, an event stays one line.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def sse_json(obj) -> str:
+    """``obj`` as JSON on one line for a server-sent event (UTF-8 text kept as it is)."""
+    return json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -191,7 +202,7 @@ class JobResponse(Response):
             (b"x-accel-buffering", b"no")]})
 
         async def emit(objects):
-            data = "".join(f"data: {json.dumps(o, ensure_ascii=False)}\n\n" for o in objects)
+            data = "".join(f"data: {sse_json(o)}\n\n" for o in objects)
             await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
 
         await emit(self.render("start", None))

@@ -14,9 +14,11 @@ So all active answers progress together and a new one gets its first token
 after at most one round. A job cancelled (its client left) frees its slot at
 the start of the next round, and nothing more is computed for it.
 
-A batched decode step (several slots in one ONNX run) would replace the body
-of ``decode_round``: sample every slot's token, then one run for all of them
-(grouped by adapter, as a batch shares the bound adapter inputs).
+Batched (the default), the slots are lanes of one ``BatchEngine``: a decode
+round samples every slot's token, then runs the model once per adapter group
+(rows that share the bound merge-point inputs), so N answers cost about one
+run's weight reads instead of N. Unbatched, each slot is its own ``Engine``
+and the round runs each slot in turn.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class Slot:
 
 
 class Scheduler:
-    def __init__(self, model, max_concurrent: int = 4, queue_limit: int = 16):
+    def __init__(self, model, max_concurrent: int = 4, queue_limit: int = 16, batch: bool = True):
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         if queue_limit < 0:
@@ -89,7 +91,15 @@ class Scheduler:
             model.load_adapter(name)
         if model.adapters:
             model.open_adapter_graph()  # before the slots share its session
-        self.slots = [Slot(model.engine.sibling()) for _ in range(max_concurrent)]
+        self.batch = None
+        if batch:
+            from jishi.runtime.batch import BatchEngine
+
+            e = model.engine
+            self.batch = BatchEngine(e.session, e.cfg, e.context, max_concurrent, e._base)
+            self.slots = [Slot(lane) for lane in self.batch.lanes]
+        else:
+            self.slots = [Slot(model.engine.sibling()) for _ in range(max_concurrent)]
         self._adapter_inputs: dict = {None: {}}  # merge-point inputs of the adapters some slot has bound
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -139,7 +149,7 @@ class Scheduler:
         with self._cond:
             return {"slots": len(self.slots), "active": sum(s.job is not None for s in self.slots),
                     "queued": len(self._waiting), "queue_limit": self.queue_limit, "served": self.served,
-                    "tokens_generated": self.tokens_generated}
+                    "tokens_generated": self.tokens_generated, "batched": self.batch is not None}
 
     def _retry_after(self) -> int:
         per_job = sorted(self._durations)[len(self._durations) // 2] if self._durations else 2.0
@@ -206,11 +216,35 @@ class Scheduler:
 
     def decode_round(self, slots: list[Slot]) -> None:
         """One token for each of these slots: sample from its logits, hand the text on, run the
-        model on the token. The one place a batched step would go: sample all, then one run."""
+        model on the token. Batched: sample all, then one run per adapter group."""
+        if self.batch is None:
+            for slot in slots:
+                self._guard(slot, self._decode_one, slot)
+            return
+        groups: dict = {}
         for slot in slots:
-            self._guard(slot, self._decode_one, slot)
+            self._guard(slot, self._sample, slot)
+            if slot.job is not None:
+                groups.setdefault(id(slot.engine.inputs), []).append(slot)
+        # Every slot's logits are read: rows may move and runs overwrite them now.
+        order = list(groups.values())
+        self.batch.arrange([[s.engine for s in group] for group in order])  # each group: a contiguous range
+        for group in order:
+            group.sort(key=lambda s: s.engine.row)
+            try:
+                logits = self.batch.decode([s.engine for s in group], [s.job.gen.token for s in group])
+            except Exception as e:  # every job of the run gets the error; the server goes on
+                for slot in group:
+                    slot.engine.reset()
+                    slot.adapter = _UNBOUND
+                    self._release(slot, e)
+                continue
+            self.steps += 1
+            for k, slot in enumerate(group):
+                slot.logits = logits[k]
 
-    def _decode_one(self, slot: Slot) -> None:
+    def _sample(self, slot: Slot) -> bool:
+        """Pick the slot's next token and hand its text on; False when the answer is over."""
         job, gen = slot.job, slot.job.gen
         piece = gen.push(slot.logits)
         self.tokens_generated += 1
@@ -220,9 +254,13 @@ class Scheduler:
             job.sink("piece", piece)
         if gen.done:
             self._release(slot, gen)
-            return
-        slot.logits = slot.engine.step(gen.token)
-        self.steps += 1
+            return False
+        return True
+
+    def _decode_one(self, slot: Slot) -> None:
+        if self._sample(slot):
+            slot.logits = slot.engine.step(slot.job.gen.token)
+            self.steps += 1
 
     def _guard(self, slot: Slot, fn, *args) -> None:
         """Run one unit of a slot's work; an error ends that job alone."""
