@@ -5,8 +5,9 @@ Which blocks to keep is measured on calibration text (never the held-out text):
 - ``influence``: 1 − cosine similarity between a block's input and output hidden
   states, averaged over tokens ("block influence", ShortGPT). A block that barely
   turns the residual stream is cheap to drop.
-- ``skip-loss``: how much the next-token loss rises when that one block is skipped
-  (its output replaced by its input). Slower (one pass per block), closer to what is lost.
+- ``skip-loss``: the loss the student would start with if that one block alone were
+  skipped (its output replaced by its input): the mean KL from the full model's
+  next-token distribution. Slower (one pass per block), closer to what is lost.
 - ``even``: evenly spaced blocks, first and last included: the baseline.
 
 Width pruning (Minitron-style) keeps, in every layer, the MLP channels with the
@@ -82,22 +83,22 @@ def block_influence(model, batches) -> list[float]:
     return [s / count for s in sums]
 
 
-def _mean_nll(model, batches) -> float:
+def _logprobs(model, batches) -> list:
     import torch
 
-    total, count = 0.0, 0
     with torch.no_grad():
-        for ids in batches:
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                             reduction="sum"))
-            count += ids[:, 1:].numel()
-    return total / count
+        return [torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1) for ids in batches]
 
 
 def skip_loss_importance(model, batches) -> list[float]:
-    """For each block, the rise of the mean next-token loss (nats) when it alone is skipped."""
-    base = _mean_nll(model, batches)
+    """For each block, the distillation loss it would cost alone: the mean per-token KL from the
+    full model's next-token distribution to that of the model with the block skipped. It is
+    never negative (unlike the change of cross-entropy, which skipping a block of an untrained
+    or over-fitted model can lower) and zero exactly for a block that changes nothing."""
+    import torch
+
+    full = _logprobs(model, batches)
+    tokens = sum(ids.numel() for ids in batches)
     out = []
     for layer in _layers(model):
         def skip(module, args, kwargs, result):
@@ -106,9 +107,11 @@ def skip_loss_importance(model, batches) -> list[float]:
 
         h = layer.register_forward_hook(skip, with_kwargs=True)
         try:
-            out.append(_mean_nll(model, batches) - base)
+            skipped = _logprobs(model, batches)
         finally:
             h.remove()
+        kl = sum(float((f.exp() * (f - s)).sum()) for f, s in zip(full, skipped))
+        out.append(max(kl, 0.0) / tokens)
     return out
 
 

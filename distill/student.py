@@ -115,7 +115,8 @@ def distill(base, output: str | Path, options: DistillOptions, config=None, quie
             return None
         after = heldout_kl_nll(teacher, student, held) if held else None
         record = {
-            "teacher": {"name": loaded.name, "source": Path(loaded.source).name, "sha256": loaded.source_sha256,
+            "teacher": {"name": loaded.name, "source": Path(loaded.source).name, "path": str(Path(loaded.source).resolve()),
+                        "sha256": loaded.source_sha256,
                         "layers": total, "non_embedding_params": non_embedding_params(teacher)},
             "student": {"layers": len(plan.layers), "non_embedding_params": non_embedding_params(student)},
             "plan": plan.as_dict(),
