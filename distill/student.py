@@ -31,6 +31,7 @@ class DistillOptions:
     generated_prompts: int | None = None  # how many built-in prompts the teacher answers (default all)
     generated_tokens: int = 192
     calibration_sequences: int = 4
+    init: str | None = None  # start from this student (written by distill) instead of pruning the teacher again
     resume: bool = False
     threads: int | None = None
 
@@ -68,7 +69,9 @@ def distill(base, output: str | Path, options: DistillOptions, config=None, quie
         total = teacher.config.num_hidden_layers
 
         plan_file = work / "plan.json"
-        if options.resume and plan_file.is_file():
+        if options.init:
+            plan, start = _plan_of_student(options.init, total)
+        elif options.resume and plan_file.is_file():
             saved = json.loads(plan_file.read_text())
             plan = StudentPlan(tuple(saved["layers"]), saved["method"],
                                tuple(saved["importance"]) if saved["importance"] else None,
@@ -80,8 +83,8 @@ def distill(base, output: str | Path, options: DistillOptions, config=None, quie
             if rank == 0:
                 work.mkdir(parents=True, exist_ok=True)
                 _write_json(plan_file, {**plan.as_dict(), "channels": [list(c) for c in plan.channels] if plan.channels else None})
-        say(describe_plan(plan, total))
-        student = build_student(teacher, plan)
+        say(describe_plan(plan, total) + (f", starting from {options.init}" if options.init else ""))
+        student = start if options.init else build_student(teacher, plan)
 
         # Data: the user's files, or the teacher's own answers (written on rank 0, cached, read by all).
         if options.data:
@@ -120,6 +123,7 @@ def distill(base, output: str | Path, options: DistillOptions, config=None, quie
                         "layers": total, "non_embedding_params": non_embedding_params(teacher)},
             "student": {"layers": len(plan.layers), "non_embedding_params": non_embedding_params(student)},
             "plan": plan.as_dict(),
+            **({"init": {"from": Path(options.init).name, "record": read_record(Path(options.init))}} if options.init else {}),
             "data": data_desc,
             "training": {**asdict(config), "steps_done": result.steps, "tokens": result.tokens,
                          "seconds_this_run": round(result.seconds, 1), "processes": _world()},
@@ -140,6 +144,23 @@ def distill(base, output: str | Path, options: DistillOptions, config=None, quie
             import torch.distributed as td
 
             td.destroy_process_group()
+
+
+def _plan_of_student(path, teacher_layers: int):
+    """The plan recorded by a student directory, and its model (to continue training it)."""
+    from jishi.distill.base import load_base
+    from jishi.distill.prune import StudentPlan
+
+    rec = read_record(Path(path))
+    if rec is None:
+        raise JishiError(f"{path} is not a student written by jishi distill (no {RECORD}); pass --layers instead of --init")
+    if rec["teacher"]["layers"] != teacher_layers:
+        raise JishiError(f"{path} was distilled from a teacher with {rec['teacher']['layers']} layers, not this one "
+                         f"({teacher_layers}); pass its teacher as --base")
+    p = rec["plan"]
+    model = load_base(str(path)).model
+    return StudentPlan(tuple(p["layers"]), p["method"], tuple(p["importance"]) if p["importance"] else None,
+                       p["intermediate_size"]), model
 
 
 def _rank():

@@ -66,9 +66,11 @@ def _parser() -> argparse.ArgumentParser:
 
     ds = sub.add_parser("distill", help="prune a base into a smaller student and distil it (a Hugging Face directory)")
     ds.add_argument("--base", help="teacher: known base name (default smollm2-135m-instruct), a GGUF file or a Hugging Face directory")
-    size = ds.add_mutually_exclusive_group(required=True)
+    size = ds.add_mutually_exclusive_group()
     size.add_argument("--layers", type=int, help="blocks the student keeps")
     size.add_argument("--keep-ratio", type=float, help="fraction of the blocks the student keeps")
+    size.add_argument("--init", metavar="STUDENT_DIR",
+                      help="continue training a student written by jishi distill (e.g. --qat after plain distillation)")
     ds.add_argument("--width-ratio", type=float, help="fraction of the MLP channels kept in every block (default all)")
     ds.add_argument("--select", default="influence", choices=["influence", "skip-loss", "even"],
                     help="how blocks are chosen: block influence, loss when skipped, or evenly spaced (default influence)")
@@ -406,6 +408,8 @@ def _distill(args) -> int:
         from jishi.distill.student import DistillOptions, distill
     except ImportError as e:
         raise MissingExtraError("build", f"distillation ({e.name})") from None
+    if args.layers is None and args.keep_ratio is None and args.init is None:
+        raise JishiError("say how small the student is: --layers N or --keep-ratio R (or --init STUDENT_DIR to continue one)")
     for flag in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "grad_accum"):
         if getattr(args, flag) < 1:
             raise JishiError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -419,7 +423,7 @@ def _distill(args) -> int:
                       qat_bits=4 if args.qat else None, qat_block=args.block)
     options = DistillOptions(layers=args.layers, keep_ratio=args.keep_ratio, width_ratio=args.width_ratio,
                              method=args.select, data=tuple(args.data or ()), resume=args.resume, threads=args.threads,
-                             generated_prompts=args.generate, generated_tokens=args.generate_tokens)
+                             generated_prompts=args.generate, generated_tokens=args.generate_tokens, init=args.init)
     out = distill(args.base, args.output, options, config)
     if out is not None:
         print(out)

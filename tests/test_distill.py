@@ -361,7 +361,9 @@ def test_qat_student_exports_exactly_onto_the_int4_grid(teacher_dir, calib_file,
     from jishi.export.quant import quantize_asymmetric
     from jishi.pipeline import build
 
-    out = distill(str(teacher_dir), tmp_path / "qat", DistillOptions(layers=2, method="even", data=(str(calib_file),)),
+    plain = distill(str(teacher_dir), tmp_path / "plain", DistillOptions(layers=2, method="even", data=(str(calib_file),)),
+                    KDConfig(steps=2, batch_size=4, seq_len=32, learning_rate=3e-3, eval_windows=1), quiet=True)
+    out = distill(str(teacher_dir), tmp_path / "qat", DistillOptions(init=str(plain), data=(str(calib_file),)),
                   KDConfig(steps=4, batch_size=4, seq_len=32, learning_rate=3e-3, qat_bits=4, eval_every=2,
                            checkpoint_every=2, eval_windows=2), quiet=True)
     student = load_base(str(out))
@@ -370,6 +372,7 @@ def test_qat_student_exports_exactly_onto_the_int4_grid(teacher_dir, calib_file,
     assert student.eos_token_ids == teacher.eos_token_ids
     record = json.loads((out / "jishi_distill.json").read_text())
     assert record["qat"] == {"bits": 4, "block": 32, "on_grid": True}
+    assert record["init"]["from"] == "plain" and record["plan"]["layers"] == [0, 5]
     moved = 0.0
     for name, p in student.model.named_parameters():
         if name.split(".")[-2] in QAT_TARGETS:
@@ -450,9 +453,14 @@ def test_cli_errors_say_what_to_do(teacher_dir, tmp_path, capsys):
         code = main(list(args))
         return code, capsys.readouterr().err
 
+    code, msg = err("distill", "--base", str(teacher_dir), "-o", str(tmp_path / "s"))
+    assert code == 1 and "say how small the student is: --layers N or --keep-ratio R" in msg
     with pytest.raises(SystemExit) as e:
-        main(["distill", "--base", str(teacher_dir), "-o", str(tmp_path / "s")])
-    assert e.value.code == 2 and "one of the arguments --layers --keep-ratio is required" in capsys.readouterr().err
+        main(["distill", "--layers", "2", "--keep-ratio", "0.5", "-o", str(tmp_path / "s")])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    code, msg = err("distill", "--base", str(teacher_dir), "--init", str(teacher_dir), "--data", __file__,
+                    "-o", str(tmp_path / "s"))
+    assert code == 1 and "is not a student written by jishi distill" in msg
     code, msg = err("distill", "--base", str(teacher_dir), "--layers", "9", "--data", __file__, "-o", str(tmp_path / "s"))
     assert code == 1 and msg.startswith("jishi: error: cannot keep 9 layers of a teacher with 6")
     code, msg = err("distill", "--base", str(teacher_dir), "--layers", "2", "--data", str(tmp_path / "none.txt"),
