@@ -86,19 +86,21 @@ def distill(base, output: str | Path, options: DistillOptions, config=None, quie
         say(describe_plan(plan, total) + (f", starting from {options.init}" if options.init else ""))
         student = start if options.init else build_student(teacher, plan)
 
-        # Data: the user's files, or the teacher's own answers (written on rank 0, cached, read by all).
+        # Data: the user's files and/or the teacher's own answers (written on rank 0, cached, read by all).
+        docs, data_desc = [], {}
         if options.data:
             docs = read_documents(options.data, tok)
-            data_desc = {"files": [Path(f).name for f in options.data]}
-        else:
+            data_desc["files"] = [Path(f).name for f in options.data]
+        if not options.data or options.generated_prompts:
             if rank == 0:
                 teacher_documents(loaded, options.generated_prompts, options.generated_tokens, quiet=quiet,
                                   seed=config.seed)
             if dist:
                 dist.barrier()
-            docs = teacher_documents(loaded, options.generated_prompts, options.generated_tokens, quiet=True,
-                                     seed=config.seed)
-            data_desc = {"generated": len(docs), "max_new_tokens": options.generated_tokens}
+            generated = teacher_documents(loaded, options.generated_prompts, options.generated_tokens, quiet=True,
+                                          seed=config.seed)
+            docs += generated
+            data_desc.update(generated=len(generated), max_new_tokens=options.generated_tokens)
         sep = loaded.eos_token_ids[0] if loaded.eos_token_ids else None
         seqs, real = chunk(docs, config.seq_len, sep)
         data_desc["sequences"] = len(seqs)

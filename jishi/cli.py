@@ -77,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--data", nargs="+", metavar="FILE",
                     help="text files and JSONL ({\"text\": ...} or {\"messages\": [...]}); default: text the teacher writes "
                          "from built-in prompts (cached)")
-    ds.add_argument("--generate", type=int, metavar="N", help="without --data: how many of the built-in prompts the teacher "
-                    "answers (default all 48)")
+    ds.add_argument("--generate", type=int, metavar="N", help="how many of the 48 built-in prompts the teacher answers to make "
+                    "data (default: all of them without --data, none with it; with --data they are added)")
     ds.add_argument("--generate-tokens", type=int, default=192, help="longest teacher answer in tokens (default 192)")
     ds.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     ds.add_argument("--batch-size", type=int, default=8, help="sequences per step, all processes together (default 8)")
