@@ -138,9 +138,17 @@ class Bench:
         rows, _ = evaluate_models([str(out)], teacher_loaded=t, max_windows=self.args.max_windows, decode_tokens=0,
                                   quiet=True)
         r = rows[0]
+        # the baseline: evenly spaced blocks, same count, also untrained
+        even = plan_student(t.model, [], layers=n, method="even")
+        even_dir = self.work / f"L{n}-even-pruned"
+        save_student(build_student(t.model, even), t, even_dir, {"plan": even.as_dict(), "training": None})
+        e, _ = evaluate_models([str(even_dir)], teacher_loaded=t, max_windows=self.args.max_windows, decode_tokens=0,
+                               quiet=True)
         return {"dir": str(out), "layers": list(plan.layers), "importance": list(plan.importance),
                 "non_embedding_params": non_embedding_params(student), "perplexity": r.perplexity,
-                "top1_agreement": r.top1_agreement, "kl": r.kl}
+                "top1_agreement": r.top1_agreement, "kl": r.kl,
+                "even": {"layers": list(even.layers), "perplexity": e[0].perplexity,
+                         "top1_agreement": e[0].top1_agreement, "kl": e[0].kl}}
 
     def distill(self, n: int) -> dict:
         from jishi.distill.student import DistillOptions, distill
@@ -228,7 +236,11 @@ class Bench:
             p = json.loads((self.work / "state" / f"prune-L{n}.json").read_text())
             d = json.loads((self.work / "state" / f"distill-L{n}.json").read_text())
             q = json.loads((self.work / "state" / f"qat-L{n}.json").read_text())
-            lines.append(f"| L{n} (blocks {p['layers']}) | pruned | {p['perplexity']:.2f} | {100 * p['top1_agreement']:.1f}% | {p['kl']:.3f} |")
+            if "even" in p:
+                ev = p["even"]
+                lines.append(f"| L{n} evenly spaced (blocks {ev['layers']}) | pruned | {ev['perplexity']:.2f} | "
+                             f"{100 * ev['top1_agreement']:.1f}% | {ev['kl']:.3f} |")
+            lines.append(f"| L{n} by influence (blocks {p['layers']}) | pruned | {p['perplexity']:.2f} | {100 * p['top1_agreement']:.1f}% | {p['kl']:.3f} |")
             lines.append(f"| L{n} | distilled ({d['steps']} steps, {d['tokens']} tokens) | {d['perplexity']:.2f} | "
                          f"{100 * d['top1_agreement']:.1f}% | {d['kl']:.3f} |")
             lines.append(f"| L{n} | + QAT ({q['steps']} steps, int4 grid) | {q['perplexity']:.2f} | "

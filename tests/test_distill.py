@@ -199,7 +199,7 @@ def test_a_few_distillation_steps_reduce_heldout_kl(teacher, calib_file, tmp_pat
 
 def test_hidden_loss_and_topk_cache_train(teacher, calib_file, tmp_path):
     """The hidden-state loss alone (on four sequences, so every step sees the same batch) is lowered;
-    the top-k cache is written once and trains."""
+    the top-k cache (with bf16 autocast) is written once and trains."""
     from jishi.distill.kd import KDConfig, train
 
     seqs, real = _seqs(teacher, calib_file, 32)
@@ -209,7 +209,7 @@ def test_hidden_loss_and_topk_cache_train(teacher, calib_file, tmp_path):
                 layer_map=[0, 3, 5], quiet=True)
     hidden = [h["hidden"] for h in res.history]
     assert hidden[0] > 0.1 and hidden[-1] < 0.5 * hidden[0], hidden
-    cfg = KDConfig(steps=4, batch_size=4, seq_len=32, teacher_topk=16, checkpoint_every=100)
+    cfg = KDConfig(steps=4, batch_size=4, seq_len=32, teacher_topk=16, checkpoint_every=100, bf16=True)
     res = train(teacher.model, _student(teacher), seqs, real, cfg, tmp_path / "k", quiet=True)
     ids = np.load(tmp_path / "k" / "teacher" / "topk_ids.npy")
     assert ids.shape == (len(seqs), 32, 16)
