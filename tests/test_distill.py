@@ -412,8 +412,10 @@ def test_fake_quant_matches_the_exporters_grid():
 
 # -- the command line ----------------------------------------------------------------------------------------
 
-def _cli(*args, timeout=600):
+def _cli(*args, timeout=600, cache=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    if cache:
+        env["JISHI_CACHE"] = str(cache)
     return subprocess.run([sys.executable, "-m", "jishi.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -423,10 +425,12 @@ def test_cli_distill_build_eval(teacher_dir, tmp_path):
     student = tmp_path / "student"
     done = _cli("distill", "--base", str(teacher_dir), "--layers", "3", "--generate", "4", "--generate-tokens", "24",
                 "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3", "--threads", "1",
-                "-o", str(student))
+                "-o", str(student), cache=tmp_path / "cache")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(student)
     assert "Teacher writing distillation text" in done.stderr and "Distilling" in done.stderr
+    cached = list((tmp_path / "cache" / "distill-data").glob("teacher-*.jsonl"))  # the next run reads it back
+    assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 4
     assert {"model.safetensors", "config.json", "tokenizer.json", "jishi_distill.json"} <= {p.name for p in student.iterdir()}
     rec = json.loads((student / "jishi_distill.json").read_text())
     assert rec["data"]["generated"] == 4 and rec["plan"]["method"] == "influence" and len(rec["plan"]["layers"]) == 3
