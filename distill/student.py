@@ -206,6 +206,14 @@ def save_student(student, loaded, output: Path, record: dict | None) -> Path:
         tcfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         tcfg["add_bos_token"] = bool(loaded.add_bos)
         tcfg["add_eos_token"] = False
+        if loaded.eos_token_ids:  # the end token the teacher's bundle uses (a GGUF conversion may name another)
+            eos = loaded.tokenizer.convert_ids_to_tokens(loaded.eos_token_ids[0])
+            tcfg["eos_token"] = eos
+            special = staging / "special_tokens_map.json"
+            if special.is_file():
+                smap = json.loads(special.read_text())
+                smap["eos_token"] = eos
+                special.write_text(json.dumps(smap, indent=2, ensure_ascii=False) + "\n")
         if loaded.chat_template:
             tcfg["chat_template"] = loaded.chat_template
         cfg_path.write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")

@@ -399,6 +399,26 @@ def test_qat_student_exports_exactly_onto_the_int4_grid(teacher_dir, calib_file,
     np.testing.assert_allclose(l4, want, atol=2e-4, rtol=0)
 
 
+def test_a_saved_student_keeps_the_teachers_end_token(teacher, tmp_path):
+    """A GGUF-converted tokenizer may call another token EOS than the model's; the student's
+    directory must say the one the teacher's bundle stops on, and no BOS if the teacher has none."""
+    import copy
+    from dataclasses import replace
+
+    from jishi.distill.base import load_base
+    from jishi.distill.student import save_student
+
+    tok = copy.deepcopy(teacher.tokenizer)
+    tok.eos_token = "<|im_start|>"
+    confused = replace(teacher, tokenizer=tok)
+    out = save_student(_student(teacher), confused, tmp_path / "s", None)
+    student = load_base(str(out))
+    assert student.eos_token_ids == teacher.eos_token_ids == [2]
+    assert student.add_bos is False and student.chat_template == teacher.chat_template
+    text = "Plants need water. <|im_end|>"
+    assert student.runtime_tokenizer().encode(text) == teacher.runtime_tokenizer().encode(text)
+
+
 def test_fake_quant_matches_the_exporters_grid():
     from jishi.distill.kd import fake_quant
     from jishi.export.quant import quantize_asymmetric
