@@ -78,6 +78,12 @@ def build(
         say(f"Merging adapter {merge[0]} into the weights…")
         base_model, merged = merged_base(base_model, *merge)
     cfg = model_config(base_model.model.config, context)
+    if quant in ("int4", "int8"):
+        for what, size in (("hidden size", cfg.hidden_size), ("MLP size", cfg.intermediate_size),
+                           ("attention width", cfg.num_heads * cfg.head_dim)):
+            if size % block:
+                raise JishiError(f"the model's {what} {size} is not a multiple of the block size {block}; "
+                                 f"choose a --block that divides it")
     name = name or base_model.name
     target = Path(output) if output else default_output(name, quant)
     if merge_points is None:

@@ -356,6 +356,24 @@ def test_calibrated_build_uses_the_gptq_codes(tiny_dirs, tmp_path):
         build(base, "int8", tmp_path / "x", quiet=True, calibrated=True)
 
 
+def test_int4_block_size_is_a_choice(tiny_dirs, tmp_path):
+    import jishi
+    from jishi.distill.base import load_base
+    from jishi.pipeline import build
+
+    base = load_base(str(tiny_dirs["llama"]))
+    ids = _heldout(base, 48, 1)[0]
+    ref = jishi.load(build(base, "fp32", tmp_path / "f", context=128, evaluate=False, quiet=True)).engine.feed(ids, all_logits=True)
+    err = {}
+    for block in (16, 32):
+        m = jishi.load(build(base, "int4", tmp_path / f"b{block}", context=128, evaluate=False, quiet=True, block=block))
+        assert m.manifest.graph.quantization["block"] == block
+        err[block] = float(np.abs(m.engine.feed(ids, all_logits=True) - ref).mean())
+    assert err[16] < err[32]  # smaller blocks, finer grid
+    with pytest.raises(JishiError, match="MLP size 96 is not a multiple of the block size 64"):
+        build(base, "int4", tmp_path / "b64", context=128, evaluate=False, quiet=True, block=64)
+
+
 def test_qat_student_exports_exactly_onto_the_int4_grid(teacher_dir, calib_file, tmp_path):
     """After QAT the saved weights are grid values: the int4 bundle computes what the fp32 bundle of the
     same weights computes, and re-quantizing them changes nothing."""
