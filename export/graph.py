@@ -49,6 +49,7 @@ class QuantRecipe:
     accuracy_level: int = 4  # MatMulNBits: int8 activations (fastest on CPU)
     zero_point_correction: bool = True  # int4: keep float block minima exactly
     merge_points: bool = False  # LoRA inputs on every fused projection (see _Linear)
+    method: str = "rtn"  # int4 codes: "rtn" (round to nearest on each block's min/max grid) or "gptq" (calibrated)
 
     def as_dict(self) -> dict:
         d = {"name": self.name}
@@ -56,6 +57,8 @@ class QuantRecipe:
             d.update(block=self.block, accuracy_level=self.accuracy_level, lm_head="int8", embedding="int8")
             if self.name == "int4":
                 d["zero_point_correction"] = self.zero_point_correction
+                if self.method != "rtn":
+                    d["method"] = self.method
         return d
 
 
@@ -95,13 +98,15 @@ class _Linear:
     ``[Δ ; s·B_lora]`` to activate an adapter, at no cost in nodes.
     """
 
-    def __init__(self, g: _Graph, recipe: QuantRecipe):
+    def __init__(self, g: _Graph, recipe: QuantRecipe, prequantized: Mapping[str, QuantizedWeight] | None = None):
         self.g = g
         self.recipe = recipe
+        self.prequantized = prequantized or {}  # int4 codes found by a calibrated method, by weight name
         self._shared: dict[str, str] = {}
         self.merge_inputs: list = []  # graph inputs for the merge points
 
-    def __call__(self, x: str, weights: list[np.ndarray], name: str, bias: np.ndarray | None = None) -> str:
+    def __call__(self, x: str, weights: list[np.ndarray], name: str, bias: np.ndarray | None = None,
+                 keys: list[str] | None = None) -> str:
         g, r = self.g, self.recipe
         w = np.concatenate(weights, axis=0) if len(weights) > 1 else weights[0]
         n, k = w.shape
@@ -116,7 +121,11 @@ class _Linear:
             side = None
         else:
             if r.name == "int4":
-                parts = [quantize_asymmetric(p, 4, r.block, correct=r.zero_point_correction) for p in weights]
+                pre = [self.prequantized.get(key) for key in (keys or [None] * len(weights))]
+                if any(q is not None and (q.bits, q.block) != (4, r.block) for q in pre):
+                    raise ValueError(f"calibrated codes for {name} are not 4-bit blocks of {r.block}")
+                parts = [q if q is not None else quantize_asymmetric(p, 4, r.block, correct=r.zero_point_correction)
+                         for p, q in zip(weights, pre)]
             else:
                 parts = [quantize_asymmetric(p, 8, r.block, correct=False) for p in weights]
             qw = concat_outputs(parts) if len(parts) > 1 else parts[0]
@@ -174,11 +183,15 @@ def build_decoder(
     recipe: QuantRecipe,
     attention_scaling: float = 1.0,
     progress: Callable[[int], None] | None = None,
+    prequantized: Mapping[str, QuantizedWeight] | None = None,
 ) -> onnx.ModelProto:
-    """The decoder graph of ``cfg`` with ``weights`` (Hugging Face Llama names, numpy)."""
+    """The decoder graph of ``cfg`` with ``weights`` (Hugging Face Llama names, numpy).
+
+    ``prequantized`` maps weight names to int4 codes found elsewhere (GPTQ); those weights
+    use them instead of round-to-nearest."""
     weights = _Tracked(weights)
     g = _Graph()
-    lin = _Linear(g, recipe)
+    lin = _Linear(g, recipe, prequantized)
     hd, nh, nkv, H = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size
 
     inputs = [
@@ -225,7 +238,8 @@ def build_decoder(
         bias = None
         if a + "q_proj.bias" in weights:
             bias = np.concatenate([weights[a + f"{t}_proj.bias"] for t in "qkv"])
-        qkv = lin(x, [weights[a + f"{t}_proj.weight"] for t in "qkv"], f"layer{i}.attn.qkv", bias=bias)
+        qkv = lin(x, [weights[a + f"{t}_proj.weight"] for t in "qkv"], f"layer{i}.attn.qkv", bias=bias,
+                  keys=[a + f"{t}_proj.weight" for t in "qkv"])
         qkv = g.op("Reshape", [qkv, qkv_shape], name=f"layer{i}/attn/in")
         attn, _, _ = g.op(
             "GroupQueryAttention",
@@ -235,16 +249,18 @@ def build_decoder(
             local_window_size=cfg.sliding_window or -1,
         )
         attn = g.op("Reshape", [attn, attn_rows], name=f"layer{i}/attn/rows")
-        o = lin(attn, [weights[a + "o_proj.weight"]], f"layer{i}.attn.o")
+        o = lin(attn, [weights[a + "o_proj.weight"]], f"layer{i}.attn.o", keys=[a + "o_proj.weight"])
 
         ln_post = g.init(p + "post_attention_layernorm.weight", weights[p + "post_attention_layernorm.weight"].astype(np.float32))
         x, residual = _skip_norm(g, o, residual, ln_post, cfg, f"layer{i}/ln_post")
 
         m = p + "mlp."
-        gate_up = lin(x, [weights[m + "gate_proj.weight"], weights[m + "up_proj.weight"]], f"layer{i}.mlp.gate_up")
+        gate_up = lin(x, [weights[m + "gate_proj.weight"], weights[m + "up_proj.weight"]], f"layer{i}.mlp.gate_up",
+                      keys=[m + "gate_proj.weight", m + "up_proj.weight"])
         gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2, name=f"layer{i}/mlp/split")
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"layer{i}/mlp/sigmoid")], name=f"layer{i}/mlp/silu")
-        x = lin(g.op("Mul", [act, up], name=f"layer{i}/mlp/gated"), [weights[m + "down_proj.weight"]], f"layer{i}.mlp.down")
+        x = lin(g.op("Mul", [act, up], name=f"layer{i}/mlp/gated"), [weights[m + "down_proj.weight"]], f"layer{i}.mlp.down",
+                keys=[m + "down_proj.weight"])
         if progress:
             progress(1)
 

@@ -186,3 +186,23 @@ def concat_outputs(parts: list[QuantizedWeight]) -> QuantizedWeight:
         zero_points=pack_zero_points(zps, first.bits),
         correction=correction,
     )
+
+
+def from_grid(codes: np.ndarray, scale: np.ndarray, lo: np.ndarray, bits: int, block: int) -> QuantizedWeight:
+    """MatMulNBits form of weights already on an asymmetric block grid ``w = scale·q + lo``: codes
+    (n × k, 0..2^bits−1), scale and minimum (n × k/block), from a calibrated method or from QAT.
+    The zero point is rounded and the exact correction keeps ``lo`` (as ``quantize_asymmetric``)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    n, k = codes.shape
+    qmax = (1 << bits) - 1
+    if k % block or scale.shape != (n, k // block) or lo.shape != scale.shape or codes.max(initial=0) > qmax:
+        raise ValueError("codes, scales and minima do not describe one block grid")
+    scale = np.asarray(scale, dtype=np.float32)
+    lo = np.asarray(lo, dtype=np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    zp_float = -lo / safe
+    zp = np.clip(np.rint(zp_float), 0, qmax)
+    correction = (scale * (zp - zp_float)).astype(np.float32)
+    correction = np.where(scale > 0, correction, lo).T.copy()
+    return QuantizedWeight(bits=bits, block=block, n=n, k=k, packed=pack(codes, bits, block), scales=scale,
+                           zero_points=pack_zero_points(zp.astype(np.uint8), bits), correction=correction)

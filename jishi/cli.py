@@ -42,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="export a base model to a bundle")
     b.add_argument("--base", help="known base name (default smollm2-135m-instruct), a GGUF file or a Hugging Face directory")
-    b.add_argument("--quant", choices=["int4", "int8", "fp16", "fp32"], help="weight format (default int4, or the plan's choice with --device)")
+    b.add_argument("--quant", choices=["int4", "int4-gptq", "int8", "fp16", "fp32"],
+                   help="weight format (default int4, or the plan's choice with --device); int4-gptq is int4 --calibrated")
+    b.add_argument("--calibrated", action="store_true",
+                   help="int4 codes by GPTQ on calibration text instead of round-to-nearest (for weights off any 4-bit "
+                        "grid: students, fine-tuned models; the default base keeps its own grid exactly without it)")
+    b.add_argument("--block", type=int, default=32, help="int4/int8 block size along the input (16, 32, 64, 128; default 32)")
     b.add_argument("--device", help="plan the build for this device profile (see `jishi devices`) or 'detect'")
     b.add_argument("-o", "--output", help="bundle directory (default ./bundles/<name>-<quant>)")
     b.add_argument("--name", help="model name in the manifest (default: from the base)")
@@ -58,6 +63,54 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--merge", metavar="NAME", help="fold the --adapter NAME into the weights before quantization: a "
                    "single-task bundle without merge points (its quality at int4 and int8 is measured)")
     b.set_defaults(func=_build)
+
+    ds = sub.add_parser("distill", help="prune a base into a smaller student and distil it (a Hugging Face directory)")
+    ds.add_argument("--base", help="teacher: known base name (default smollm2-135m-instruct), a GGUF file or a Hugging Face directory")
+    size = ds.add_mutually_exclusive_group()
+    size.add_argument("--layers", type=int, help="blocks the student keeps")
+    size.add_argument("--keep-ratio", type=float, help="fraction of the blocks the student keeps")
+    size.add_argument("--init", metavar="STUDENT_DIR",
+                      help="continue training a student written by jishi distill (e.g. --qat after plain distillation)")
+    ds.add_argument("--width-ratio", type=float, help="fraction of the MLP channels kept in every block (default all)")
+    ds.add_argument("--select", default="influence", choices=["influence", "skip-loss", "even"],
+                    help="how blocks are chosen: block influence, loss when skipped, or evenly spaced (default influence)")
+    ds.add_argument("--data", nargs="+", metavar="FILE",
+                    help="text files and JSONL ({\"text\": ...} or {\"messages\": [...]}); default: text the teacher writes "
+                         "from built-in prompts (cached)")
+    ds.add_argument("--generate", type=int, metavar="N", help="how many of the 48 built-in prompts the teacher answers to make "
+                    "data (default: all of them without --data, none with it; with --data they are added)")
+    ds.add_argument("--generate-tokens", type=int, default=192, help="longest teacher answer in tokens (default 192)")
+    ds.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    ds.add_argument("--batch-size", type=int, default=8, help="sequences per step, all processes together (default 8)")
+    ds.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    ds.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    ds.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    ds.add_argument("--temperature", type=float, default=2.0, help="KL temperature (default 2)")
+    ds.add_argument("--ce-weight", type=float, default=0.5, help="weight of cross-entropy on real text (default 0.5)")
+    ds.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state loss on mapped blocks (default 0)")
+    ds.add_argument("--teacher-topk", type=int, help="cache the teacher's top-K log-probs on disk instead of running it every step")
+    ds.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
+    ds.add_argument("--qat", action="store_true", help="train with fake-quantized int4 weights; the saved weights lie on the int4 grid")
+    ds.add_argument("--block", type=int, default=32, help="int4 block size for --qat (default 32)")
+    ds.add_argument("--eval-every", type=int, default=25, help="held-out KL and NLL every N steps (default 25)")
+    ds.add_argument("--checkpoint-every", type=int, default=25, help="checkpoint every N steps (default 25)")
+    ds.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUTPUT.work/")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    ds.add_argument("-o", "--output", required=True, help="student directory to write")
+    ds.set_defaults(func=_distill)
+
+    ev = sub.add_parser("eval", help="perplexity, agreement and KL with the teacher, size and speed, as a table")
+    ev.add_argument("models", nargs="*", metavar="BUNDLE_OR_DIR")
+    ev.add_argument("--compare", nargs="+", metavar="MODEL", default=[], help="more models, side by side")
+    ev.add_argument("--teacher", help="the reference model (default: the teacher a student records)")
+    ev.add_argument("--data", metavar="FILE", help="a text file to measure on (default: the held-out text)")
+    ev.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    ev.add_argument("--max-windows", type=int, help="measure on at most this many windows")
+    ev.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens timed for decode speed (default 64)")
+    ev.add_argument("--threads", type=int)
+    ev.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ev.set_defaults(func=_eval)
 
     ft = sub.add_parser("finetune", help="train a LoRA adapter (PEFT format) on chat records")
     ft.add_argument("--base", help="known base name (default smollm2-135m-instruct), a GGUF file or a Hugging Face directory")
@@ -195,6 +248,9 @@ def _build(args) -> int:
     from jishi.devices.plan import plan
     from jishi.pipeline import build
 
+    calibrated = args.calibrated or args.quant == "int4-gptq"
+    if args.quant == "int4-gptq":
+        args.quant = "int4"
     quant = args.quant or "int4"
     if args.device:
         profile = _profile_for(args.device)
@@ -216,8 +272,11 @@ def _build(args) -> int:
             raise JishiError("a merged bundle has no merge points, so it takes no other adapters: build it with "
                              "--adapter NAME=DIR --merge NAME only")
         adapters = []
+    if calibrated and quant != "int4":
+        raise JishiError(f"--calibrated applies to int4 only, not {quant}")
     path = build(args.base, quant, args.output, args.name, args.context, evaluate=not args.no_eval,
-                 merge_points=True if adapters else args.merge_points, merge=merge)
+                 merge_points=True if adapters else args.merge_points, merge=merge, calibrated=calibrated,
+                 block=args.block)
     if adapters:
         from jishi.export.adapters import add_adapter
 
@@ -338,6 +397,71 @@ def _finetune(args) -> int:
     w = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(w)}  {v}" for k, v in rows))
     print(f"Wrote {res.output}; add it with `jishi adapter add BUNDLE {args.name or res.output.name}={res.output}`")
+    return 0
+
+
+def _distill(args) -> int:
+    from jishi.errors import MissingExtraError
+
+    try:
+        from jishi.distill.kd import KDConfig
+        from jishi.distill.student import DistillOptions, distill
+    except ImportError as e:
+        raise MissingExtraError("build", f"distillation ({e.name})") from None
+    if args.layers is None and args.keep_ratio is None and args.init is None:
+        raise JishiError("say how small the student is: --layers N or --keep-ratio R (or --init STUDENT_DIR to continue one)")
+    for flag in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "grad_accum"):
+        if getattr(args, flag) < 1:
+            raise JishiError(f"--{flag.replace('_', '-')} must be at least 1")
+    for f in args.data or ():
+        if not os.path.isfile(f):
+            raise JishiError(f"no data file {f}")
+    config = KDConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+                      learning_rate=args.lr, temperature=args.temperature, ce_weight=args.ce_weight,
+                      hidden_weight=args.hidden_weight, teacher_topk=args.teacher_topk, bf16=args.bf16,
+                      eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                      qat_bits=4 if args.qat else None, qat_block=args.block)
+    options = DistillOptions(layers=args.layers, keep_ratio=args.keep_ratio, width_ratio=args.width_ratio,
+                             method=args.select, data=tuple(args.data or ()), resume=args.resume, threads=args.threads,
+                             generated_prompts=args.generate, generated_tokens=args.generate_tokens, init=args.init)
+    out = distill(args.base, args.output, options, config)
+    if out is not None:
+        print(out)
+    return 0
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from jishi.errors import MissingExtraError
+
+    try:
+        from jishi.evaluation import evaluate_models, table
+    except ImportError as e:
+        raise MissingExtraError("build", f"evaluation against a teacher ({e.name})") from None
+    specs = list(args.models) + list(args.compare)
+    if not specs:
+        raise JishiError("name a bundle or model directory to evaluate (and --compare B C for more)")
+    for spec in specs:
+        if not Path(spec).exists() and "/" in spec:
+            raise JishiError(f"no bundle or model directory {spec}")
+    text = None
+    if args.data:
+        try:
+            text = Path(args.data).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise JishiError(f"cannot read {args.data}: {e}") from None
+    if args.window < 8:
+        raise JishiError("--window must be at least 8 tokens")
+    rows, info = evaluate_models(specs, args.teacher, text, args.window, args.max_windows, args.decode_tokens,
+                                 args.threads)
+    if args.json:
+        import json
+
+        print(json.dumps({**info, "models": [r.as_dict() for r in rows]}, indent=2))
+    else:
+        print(f"against {info['teacher']} on the {info['text']}: {info['windows']} windows of {info['window']} tokens\n")
+        print(table(rows))
     return 0
 
 

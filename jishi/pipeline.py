@@ -31,12 +31,17 @@ def build(
     merge_points: bool | None = None,
     accuracy_level: int = 4,
     merge: tuple[str, str | Path] | None = None,
+    calibrated: bool = False,
+    block: int = 32,
+    calibration_sequences: int = 16,
 ) -> Path:
     """Build a bundle from a base model; returns its directory.
 
     ``base`` is a known name, a GGUF file, a Hugging Face directory, or a base
     already loaded with ``jishi.distill.base.load_base`` (to build several
-    bundles from one load). ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
+    bundles from one load). ``calibrated`` (int4 only) finds the int4 codes with GPTQ on
+    calibration text (the part of pydoc_data.topics after the held-out text) instead of
+    rounding to nearest; ``block`` is the int4/int8 block size. ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
     the weights before quantization: a bundle for one task, with no merge points; its
     evaluation compares int4 and int8 of the merged weights and recommends one.
     """
@@ -51,6 +56,10 @@ def build(
 
     if quant not in QUANTS:
         raise JishiError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+    if calibrated and quant != "int4":
+        raise JishiError(f"--calibrated applies to int4 only (asked for {quant})")
+    if block not in (16, 32, 64, 128):
+        raise JishiError(f"block size {block} is not supported; choose 16, 32, 64 or 128")
     if context < 16:
         raise JishiError(f"context {context} is too small; use at least 16 tokens")
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -69,6 +78,12 @@ def build(
         say(f"Merging adapter {merge[0]} into the weights…")
         base_model, merged = merged_base(base_model, *merge)
     cfg = model_config(base_model.model.config, context)
+    if quant in ("int4", "int8"):
+        for what, size in (("hidden size", cfg.hidden_size), ("MLP size", cfg.intermediate_size),
+                           ("attention width", cfg.num_heads * cfg.head_dim)):
+            if size % block:
+                raise JishiError(f"the model's {what} {size} is not a multiple of the block size {block}; "
+                                 f"choose a --block that divides it")
     name = name or base_model.name
     target = Path(output) if output else default_output(name, quant)
     if merge_points is None:
@@ -77,12 +92,22 @@ def build(
     # and it has one graph. Elsewhere they add two nodes per projection, so the bundle also
     # holds the graph without them, over the same weights file, for requests with no adapter.
     adapter_graph = "model.lora.onnx" if merge_points and quant != "int4" else None
-    recipe = QuantRecipe(quant, accuracy_level=accuracy_level, merge_points=merge_points)
+    recipe = QuantRecipe(quant, block=block, accuracy_level=accuracy_level, merge_points=merge_points,
+                         method="gptq" if calibrated else "rtn")
+    prequantized = None
+    if calibrated:
+        from jishi.distill.prune import calibration_batches
+        from jishi.export.gptq import gptq_model
+
+        batches = calibration_batches(base_model.runtime_tokenizer(), calibration_sequences, min(256, context))
+        with tqdm(total=7 * cfg.num_layers, desc="GPTQ on calibration text", unit="weight", disable=quiet, file=sys.stderr) as bar:
+            prequantized = gptq_model(base_model.model, batches, 4, block, progress=bar.update)
     weights = numpy_weights(base_model.model)
     inv_freq, attention_scaling = rotary(base_model.model)
     with tqdm(total=cfg.num_layers, desc=f"Writing the {quant} graph", unit="layer", disable=quiet, file=sys.stderr) as bar:
-        graph = build_decoder(cfg, weights, inv_freq, recipe, attention_scaling, progress=bar.update)
-    del weights
+        graph = build_decoder(cfg, weights, inv_freq, recipe, attention_scaling, progress=bar.update,
+                              prequantized=prequantized)
+    del weights, prequantized
 
     check_target(target)
     staging = staging_dir(target)
@@ -115,6 +140,9 @@ def build(
                 "base_source": Path(base_model.source).name,
                 "base_sha256": base_model.source_sha256,
                 **({"merged_adapter": merged} if merged else {}),
+                **({"distilled": distilled} if (distilled := _distill_record(base_model.source)) else {}),
+                **({"calibration": f"pydoc_data.topics after character 20000, {calibration_sequences} sequences "
+                                   f"of {min(256, context)} tokens"} if calibrated else {}),
                 "built_with": _versions(),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
@@ -246,6 +274,19 @@ def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: in
         "top1_agreement": round(agree / len(wins), 4),
         "accuracy_level": model.manifest.graph.quantization.get("accuracy_level"),
     }
+
+
+def _distill_record(source: str) -> dict | None:
+    """What a student directory says of its teacher and training (for the bundle's provenance)."""
+    import json
+
+    path = Path(source) / "jishi_distill.json"
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    return {"teacher": rec.get("teacher"), "plan": rec.get("plan"), "data": rec.get("data"), "qat": rec.get("qat"),
+            "heldout": rec.get("heldout"), "steps": rec.get("training", {}).get("steps_done"),
+            "tokens": rec.get("training", {}).get("tokens")}
 
 
 def _versions() -> dict:

@@ -1,0 +1,273 @@
+"""Student construction: drop whole blocks (depth) and MLP channels (width) of a teacher.
+
+Which blocks to keep is measured on calibration text (never the held-out text):
+
+- ``influence``: 1 − cosine similarity between a block's input and output hidden
+  states, averaged over tokens ("block influence", ShortGPT). A block that barely
+  turns the residual stream is cheap to drop.
+- ``skip-loss``: the loss the student would start with if that one block alone were
+  skipped (its output replaced by its input): the mean KL from the full model's
+  next-token distribution. Slower (one pass per block), closer to what is lost.
+- ``even``: evenly spaced blocks, first and last included: the baseline.
+
+Width pruning (Minitron-style) keeps, in every layer, the MLP channels with the
+largest mean activation ``|silu(gate(x))·up(x)|`` at the input of ``down_proj``; the
+kept count is a multiple of 32 so that int4 blocks still tile ``down_proj``.
+
+The student starts from the teacher's weights: kept blocks, embeddings, final norm
+and LM head are copied bit for bit; width-pruned projections are row/column slices.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from jishi.errors import JishiError
+
+METHODS = ("influence", "skip-loss", "even")
+WIDTH_MULTIPLE = 32
+
+
+@dataclass(frozen=True)
+class StudentPlan:
+    layers: tuple[int, ...]  # teacher block indices kept, ascending
+    method: str
+    importance: tuple[float, ...] | None  # per teacher block, for the record
+    intermediate_size: int | None = None  # new MLP width, None = unchanged
+    channels: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)  # per kept layer
+
+    def as_dict(self) -> dict:
+        return {"layers": list(self.layers), "method": self.method,
+                "importance": [round(v, 6) for v in self.importance] if self.importance else None,
+                "intermediate_size": self.intermediate_size}
+
+
+def _layers(model):
+    return model.model.layers
+
+
+def _hidden_of(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _output_of(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def block_influence(model, batches) -> list[float]:
+    """Mean over tokens of 1 − cos(input, output) of every block, on ``batches`` (LongTensors)."""
+    import torch
+
+    n = len(_layers(model))
+    sums = [0.0] * n
+    count = 0
+    hooks = []
+
+    def hook(i):
+        def fn(module, args, kwargs, out):
+            x, y = _hidden_of(args, kwargs).float(), _output_of(out).float()
+            sums[i] += float((1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum())
+        return fn
+
+    for i, layer in enumerate(_layers(model)):
+        hooks.append(layer.register_forward_hook(hook(i), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids, use_cache=False)
+                count += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [s / count for s in sums]
+
+
+def _logprobs(model, batches) -> list:
+    import torch
+
+    with torch.no_grad():
+        return [torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1) for ids in batches]
+
+
+def skip_loss_importance(model, batches) -> list[float]:
+    """For each block, the distillation loss it would cost alone: the mean per-token KL from the
+    full model's next-token distribution to that of the model with the block skipped. It is
+    never negative (unlike the change of cross-entropy, which skipping a block of an untrained
+    or over-fitted model can lower) and zero exactly for a block that changes nothing."""
+    import torch
+
+    full = _logprobs(model, batches)
+    tokens = sum(ids.numel() for ids in batches)
+    out = []
+    for layer in _layers(model):
+        def skip(module, args, kwargs, result):
+            x = _hidden_of(args, kwargs)
+            return (x,) + tuple(result[1:]) if isinstance(result, tuple) else x
+
+        h = layer.register_forward_hook(skip, with_kwargs=True)
+        try:
+            skipped = _logprobs(model, batches)
+        finally:
+            h.remove()
+        kl = sum(float((f.exp() * (f - s)).sum()) for f, s in zip(full, skipped))
+        out.append(max(kl, 0.0) / tokens)
+    return out
+
+
+def even_layers(total: int, keep: int) -> list[int]:
+    """``keep`` evenly spaced indices of ``range(total)``, the first and the last included."""
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def select_layers(importance: list[float], keep: int) -> list[int]:
+    """The ``keep`` most important blocks, in model order (ties: the earlier block)."""
+    order = sorted(range(len(importance)), key=lambda i: (-importance[i], i))
+    return sorted(order[:keep])
+
+
+def layers_to_keep(total: int, layers: int | None = None, keep_ratio: float | None = None) -> int:
+    if (layers is None) == (keep_ratio is None):
+        raise JishiError("give either a number of layers to keep or a keep ratio, not both")
+    if keep_ratio is not None:
+        if not 0 < keep_ratio <= 1:
+            raise JishiError(f"the keep ratio must be in (0, 1], got {keep_ratio}")
+        layers = max(1, round(total * keep_ratio))
+    if not 1 <= layers <= total:
+        raise JishiError(f"cannot keep {layers} layers of a teacher with {total}; choose 1 to {total}")
+    return layers
+
+
+def mlp_channel_importance(model, batches) -> list:
+    """Per layer, a float tensor (intermediate size) of mean |input of down_proj| over tokens."""
+    import torch
+
+    acc = [None] * len(_layers(model))
+    count = 0
+    hooks = []
+
+    def hook(i):
+        def fn(module, args):
+            a = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).sum(0)
+            acc[i] = a if acc[i] is None else acc[i] + a
+        return fn
+
+    for i, layer in enumerate(_layers(model)):
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook(i)))
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids, use_cache=False)
+                count += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [a / count for a in acc]
+
+
+def width_for(intermediate: int, ratio: float) -> int:
+    if not 0 < ratio <= 1:
+        raise JishiError(f"the width ratio must be in (0, 1], got {ratio}")
+    if ratio == 1:
+        return intermediate
+    width = max(WIDTH_MULTIPLE, int(round(intermediate * ratio / WIDTH_MULTIPLE)) * WIDTH_MULTIPLE)
+    return min(width, intermediate)
+
+
+def plan_student(model, batches, layers: int | None = None, keep_ratio: float | None = None,
+                 width_ratio: float | None = None, method: str = "influence") -> StudentPlan:
+    """Measure on ``batches`` and choose the blocks (and MLP channels) the student keeps."""
+    if method not in METHODS:
+        raise JishiError(f"unknown layer selection {method!r}; choose one of {', '.join(METHODS)}")
+    total = len(_layers(model))
+    keep = layers_to_keep(total, layers, keep_ratio)
+    if method == "even":
+        chosen, importance = even_layers(total, keep), None
+    else:
+        importance = block_influence(model, batches) if method == "influence" else skip_loss_importance(model, batches)
+        chosen = select_layers(importance, keep)
+    width = channels = None
+    if width_ratio is not None and width_ratio != 1:
+        inter = model.config.intermediate_size
+        width = width_for(inter, width_ratio)
+        if width < inter:
+            scores = mlp_channel_importance(model, batches)
+            channels = tuple(tuple(sorted(int(c) for c in scores[i].argsort(descending=True)[:width].tolist()))
+                             for i in chosen)
+        else:
+            width = None
+    return StudentPlan(tuple(chosen), method, tuple(importance) if importance else None, width, channels)
+
+
+def build_student(teacher, plan: StudentPlan):
+    """A new model of the teacher's class with the plan's blocks (and channels), weights copied."""
+    import torch
+
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(plan.layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in plan.layers]
+    if getattr(config, "max_window_layers", None) is not None:
+        config.max_window_layers = min(config.max_window_layers, len(plan.layers))
+    if plan.intermediate_size:
+        config.intermediate_size = plan.intermediate_size
+    torch.manual_seed(0)  # the fresh weights are all overwritten; keep construction deterministic anyway
+    student = type(teacher)(config).to(torch.float32)
+    source = teacher.state_dict()
+    target = {}
+    for key in student.state_dict():
+        if key.startswith("model.layers."):
+            _, _, j, rest = key.split(".", 3)
+            j = int(j)
+            value = source[f"model.layers.{plan.layers[j]}.{rest}"]
+            if plan.channels is not None and rest.startswith("mlp."):
+                idx = torch.tensor(plan.channels[j], dtype=torch.long)
+                if rest.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
+                    value = value.index_select(0, idx)
+                elif rest == "mlp.down_proj.weight":
+                    value = value.index_select(1, idx)
+            target[key] = value
+        else:
+            target[key] = source[key]
+    student.load_state_dict(target, strict=True)
+    if student.config.tie_word_embeddings:
+        student.tie_weights()
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    student.eval()
+    return student
+
+
+def calibration_batches(tokenizer, count: int = 4, seq_len: int = 256, offset: int = 0):
+    """``count`` sequences of ``seq_len`` tokens of the calibration text (after the held-out part)."""
+    import torch
+
+    from jishi.heldout import calibration_text
+
+    text = calibration_text()
+    # Tokenize only what is needed: about 4 characters per token, with a margin.
+    need = (offset + count) * seq_len
+    chars = max(4 * need, 20_000)
+    ids = tokenizer.encode(text[:chars], bos=False)
+    while len(ids) < need and chars < len(text):
+        chars *= 2
+        ids = tokenizer.encode(text[:chars], bos=False)
+    rows = [ids[i * seq_len:(i + 1) * seq_len] for i in range(offset, offset + count)]
+    rows = [r for r in rows if len(r) == seq_len]
+    if not rows:
+        raise JishiError("the calibration text is too short for one sequence")
+    return [torch.tensor([r]) for r in rows]
+
+
+def describe_plan(plan: StudentPlan, total: int) -> str:
+    dropped = [i for i in range(total) if i not in plan.layers]
+    text = f"keep {len(plan.layers)} of {total} blocks ({plan.method}): drop {dropped}"
+    if plan.intermediate_size:
+        text += f"; MLP width {plan.intermediate_size}"
+    return text
+
+
+def non_embedding_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+
