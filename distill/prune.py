@@ -95,7 +95,6 @@ def skip_loss_importance(model, batches) -> list[float]:
     full model's next-token distribution to that of the model with the block skipped. It is
     never negative (unlike the change of cross-entropy, which skipping a block of an untrained
     or over-fitted model can lower) and zero exactly for a block that changes nothing."""
-    import torch
 
     full = _logprobs(model, batches)
     tokens = sum(ids.numel() for ids in batches)
