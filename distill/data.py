@@ -86,6 +86,17 @@ class Document:
     real: bool  # written by people (cross-entropy applies), not by the teacher
 
 
+
+def json_lines(text: str, name: str):
+    """(line number, record) for each non-blank line of a JSONL text; a bad line is named."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JishiError(f"{name}, line {n}: not JSON ({e.msg})") from None
+
 def read_documents(files, tokenizer) -> list[Document]:
     """Token ids of every document in ``files`` (plain text or JSON lines)."""
     docs: list[Document] = []
@@ -97,13 +108,7 @@ def read_documents(files, tokenizer) -> list[Document]:
             raise JishiError(f"cannot read the distillation data {path}: {e}") from None
         check_disjoint_from_heldout(text, path.name)
         if path.suffix in (".jsonl", ".json"):
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise JishiError(f"{path.name}, line {n}: not JSON ({e.msg})") from None
+            for n, rec in json_lines(text, path.name):
                 if isinstance(rec, dict) and isinstance(rec.get("text"), str):
                     ids = tokenizer.encode(rec["text"], bos=False)
                 elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):

@@ -55,17 +55,13 @@ def read_records(path: str | Path) -> list[list[dict]]:
     """Chat records of a JSONL file, each as a list of messages; errors name the line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise JishiError(f"cannot read the training data {path}: {e}") from None
+    from jishi.distill.data import json_lines
+
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JishiError(f"{path.name}, line {n}: not JSON ({e.msg})") from None
+    for n, rec in json_lines(text, path.name):
         if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
             messages = rec["messages"]
         elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):

@@ -57,12 +57,9 @@ class Lane:
         self.tokens = []
 
     def reuse_prefix(self, ids: list[int]) -> int:
-        n = 0
-        limit = min(len(self.tokens), len(ids) - 1)
-        while n < limit and self.tokens[n] == ids[n]:
-            n += 1
-        del self.tokens[n:]
-        return n
+        from jishi.runtime.engine import keep_common_prefix
+
+        return keep_common_prefix(self.tokens, ids)
 
     def step(self, token: int) -> np.ndarray:
         return self.batch.decode([self], [token])[0]

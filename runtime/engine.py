@@ -37,6 +37,17 @@ def make_session(path: Path, settings) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), settings.session_options(), providers=list(settings.providers))
 
 
+def keep_common_prefix(tokens: list[int], ids: list[int]) -> int:
+    """Cut ``tokens`` (what a cache holds) to its common start with ``ids``, leaving at least
+    one token of ``ids`` to feed; returns how many were kept."""
+    n = 0
+    limit = min(len(tokens), len(ids) - 1)
+    while n < limit and tokens[n] == ids[n]:
+        n += 1
+    del tokens[n:]
+    return n
+
+
 class Engine:
     def __init__(self, session: ort.InferenceSession, cfg: ModelConfig, context: int,
                  base_inputs: dict[str, np.ndarray] | None = None):
@@ -119,12 +130,7 @@ class Engine:
 
     def reuse_prefix(self, ids: list[int]) -> int:
         """Keep the cached tokens that ``ids`` starts with (at least one token stays to feed)."""
-        n = 0
-        limit = min(len(self.tokens), len(ids) - 1)
-        while n < limit and self.tokens[n] == ids[n]:
-            n += 1
-        del self.tokens[n:]
-        return n
+        return keep_common_prefix(self.tokens, ids)
 
     def step(self, token: int) -> np.ndarray:
         """Feed one token; the logits (vocab,) for the next one. The array is reused by the next step."""
