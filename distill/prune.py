@@ -55,23 +55,11 @@ def _output_of(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def block_influence(model, batches) -> list[float]:
-    """Mean over tokens of 1 − cos(input, output) of every block, on ``batches`` (LongTensors)."""
+def _run_hooked(model, batches, hooks) -> int:
+    """Run the model over ``batches`` with ``hooks`` in place (removed after); the tokens seen."""
     import torch
 
-    n = len(_layers(model))
-    sums = [0.0] * n
     count = 0
-    hooks = []
-
-    def hook(i):
-        def fn(module, args, kwargs, out):
-            x, y = _hidden_of(args, kwargs).float(), _output_of(out).float()
-            sums[i] += float((1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum())
-        return fn
-
-    for i, layer in enumerate(_layers(model)):
-        hooks.append(layer.register_forward_hook(hook(i), with_kwargs=True))
     try:
         with torch.no_grad():
             for ids in batches:
@@ -80,6 +68,24 @@ def block_influence(model, batches) -> list[float]:
     finally:
         for h in hooks:
             h.remove()
+    return count
+
+
+def block_influence(model, batches) -> list[float]:
+    """Mean over tokens of 1 − cos(input, output) of every block, on ``batches`` (LongTensors)."""
+    import torch
+
+    n = len(_layers(model))
+    sums = [0.0] * n
+
+    def hook(i):
+        def fn(module, args, kwargs, out):
+            x, y = _hidden_of(args, kwargs).float(), _output_of(out).float()
+            sums[i] += float((1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum())
+        return fn
+
+    count = _run_hooked(model, batches, [layer.register_forward_hook(hook(i), with_kwargs=True)
+                                         for i, layer in enumerate(_layers(model))])
     return [s / count for s in sums]
 
 
@@ -141,11 +147,8 @@ def layers_to_keep(total: int, layers: int | None = None, keep_ratio: float | No
 
 def mlp_channel_importance(model, batches) -> list:
     """Per layer, a float tensor (intermediate size) of mean |input of down_proj| over tokens."""
-    import torch
 
     acc = [None] * len(_layers(model))
-    count = 0
-    hooks = []
 
     def hook(i):
         def fn(module, args):
@@ -153,16 +156,8 @@ def mlp_channel_importance(model, batches) -> list:
             acc[i] = a if acc[i] is None else acc[i] + a
         return fn
 
-    for i, layer in enumerate(_layers(model)):
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook(i)))
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                model(input_ids=ids, use_cache=False)
-                count += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
+    count = _run_hooked(model, batches, [layer.mlp.down_proj.register_forward_pre_hook(hook(i))
+                                         for i, layer in enumerate(_layers(model))])
     return [a / count for a in acc]
 
 

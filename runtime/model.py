@@ -131,7 +131,7 @@ class Model:
             raise BundleError(f"onnxruntime cannot load {graph_file}: {e}") from None
         self.graph_file = graph_file
         base_inputs = None
-        if m.merge_points and graph_file == (self._adapter_graph or m.graph.file):
+        if self.has_merge_points:
             from jishi.runtime.adapters import default_a_inputs
 
             base_inputs = default_a_inputs(m.config, m.merge_points)
