@@ -62,41 +62,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="add a PEFT LoRA adapter; may be repeated")
     b.add_argument("--merge", metavar="NAME", help="fold the --adapter NAME into the weights before quantization: a "
                    "single-task bundle without merge points (its quality at int4 and int8 is measured)")
+    b.add_argument("--distill", action="store_true",
+                   help="first make a smaller student of --base (pruned and distilled; needs --layers or --keep-ratio), "
+                        "then build it: one stage; int4 is then GPTQ-calibrated unless --qat")
+    dg = b.add_argument_group("distillation (with --distill; the same options as `jishi distill`)")
+    dg.add_argument("--student", metavar="DIR", help="where the student's Hugging Face directory goes (default OUTPUT.student; "
+                    "its checkpoints in DIR.work/ for --resume)")
+    b.set_defaults(distill_defaults=_distill_options(b, dg, with_init=False) | {"student": None})
     b.set_defaults(func=_build)
 
     ds = sub.add_parser("distill", help="prune a base into a smaller student and distil it (a Hugging Face directory)")
     ds.add_argument("--base", help="teacher: known base name (default smollm2-135m-instruct), a GGUF file or a Hugging Face directory")
-    size = ds.add_mutually_exclusive_group()
-    size.add_argument("--layers", type=int, help="blocks the student keeps")
-    size.add_argument("--keep-ratio", type=float, help="fraction of the blocks the student keeps")
-    size.add_argument("--init", metavar="STUDENT_DIR",
-                      help="continue training a student written by jishi distill (e.g. --qat after plain distillation)")
-    ds.add_argument("--width-ratio", type=float, help="fraction of the MLP channels kept in every block (default all)")
-    ds.add_argument("--select", default="influence", choices=["influence", "skip-loss", "even"],
-                    help="how blocks are chosen: block influence, loss when skipped, or evenly spaced (default influence)")
-    ds.add_argument("--data", nargs="+", metavar="FILE",
-                    help="text files and JSONL ({\"text\": ...} or {\"messages\": [...]}); default: text the teacher writes "
-                         "from built-in prompts (cached)")
-    ds.add_argument("--generate", type=int, metavar="N", help="how many of the 48 built-in prompts the teacher answers to make "
-                    "data (default: all of them without --data, none with it; with --data they are added)")
-    ds.add_argument("--generate-tokens", type=int, default=192, help="longest teacher answer in tokens (default 192)")
-    ds.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    ds.add_argument("--batch-size", type=int, default=8, help="sequences per step, all processes together (default 8)")
-    ds.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
-    ds.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    ds.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
-    ds.add_argument("--temperature", type=float, default=2.0, help="KL temperature (default 2)")
-    ds.add_argument("--ce-weight", type=float, default=0.5, help="weight of cross-entropy on real text (default 0.5)")
-    ds.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state loss on mapped blocks (default 0)")
-    ds.add_argument("--teacher-topk", type=int, help="cache the teacher's top-K log-probs on disk instead of running it every step")
-    ds.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
-    ds.add_argument("--qat", action="store_true", help="train with fake-quantized int4 weights; the saved weights lie on the int4 grid")
+    _distill_options(ds, ds)
     ds.add_argument("--block", type=int, default=32, help="int4 block size for --qat (default 32)")
-    ds.add_argument("--eval-every", type=int, default=25, help="held-out KL and NLL every N steps (default 25)")
-    ds.add_argument("--checkpoint-every", type=int, default=25, help="checkpoint every N steps (default 25)")
-    ds.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUTPUT.work/")
-    ds.add_argument("--seed", type=int, default=0)
-    ds.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     ds.add_argument("-o", "--output", required=True, help="student directory to write")
     ds.set_defaults(func=_distill)
 
@@ -244,6 +222,47 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _distill_options(parser, group, with_init: bool = True) -> dict:
+    """The student's size, data and training options (shared by `distill` and `build --distill`);
+    returns each option's default."""
+    size = group.add_mutually_exclusive_group()
+    size.add_argument("--layers", type=int, help="blocks the student keeps")
+    size.add_argument("--keep-ratio", type=float, help="fraction of the blocks the student keeps")
+    if with_init:
+        size.add_argument("--init", metavar="STUDENT_DIR",
+                          help="continue training a student written by jishi distill (e.g. --qat after plain distillation)")
+    add = group.add_argument
+    add("--width-ratio", type=float, help="fraction of the MLP channels kept in every block (default all)")
+    add("--select", default="influence", choices=["influence", "skip-loss", "even"],
+        help="how blocks are chosen: block influence, loss when skipped, or evenly spaced (default influence)")
+    add("--data", nargs="+", metavar="FILE",
+        help="text files and JSONL ({\"text\": ...} or {\"messages\": [...]}); default: text the teacher writes "
+             "from built-in prompts (cached)")
+    add("--generate", type=int, metavar="N", help="how many of the 48 built-in prompts the teacher answers to make "
+        "data (default: all of them without --data, none with it; with --data they are added)")
+    add("--generate-tokens", type=int, default=192, help="longest teacher answer in tokens (default 192)")
+    add("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    add("--batch-size", type=int, default=8, help="sequences per step, all processes together (default 8)")
+    add("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    add("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    add("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    add("--temperature", type=float, default=2.0, help="KL temperature (default 2)")
+    add("--ce-weight", type=float, default=0.5, help="weight of cross-entropy on real text (default 0.5)")
+    add("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state loss on mapped blocks (default 0)")
+    add("--teacher-topk", type=int, help="cache the teacher's top-K log-probs on disk instead of running it every step")
+    add("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
+    add("--qat", action="store_true", help="train with fake-quantized int4 weights; the saved weights lie on the int4 grid")
+    add("--eval-every", type=int, default=25, help="held-out KL and NLL every N steps (default 25)")
+    add("--checkpoint-every", type=int, default=25, help="checkpoint every N steps (default 25)")
+    add("--resume", action="store_true", help="continue from the checkpoint in the student's .work/ directory")
+    add("--seed", type=int, default=0)
+    add("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    names = ["layers", "keep_ratio", "width_ratio", "select", "data", "generate", "generate_tokens", "steps", "batch_size",
+             "grad_accum", "seq_len", "lr", "temperature", "ce_weight", "hidden_weight", "teacher_topk", "bf16", "qat",
+             "eval_every", "checkpoint_every", "resume", "seed", "threads"]
+    return {n: parser.get_default(n) for n in names}
+
+
 def _build(args) -> int:
     from jishi.devices.plan import plan
     from jishi.pipeline import build
@@ -274,9 +293,19 @@ def _build(args) -> int:
         adapters = []
     if calibrated and quant != "int4":
         raise JishiError(f"--calibrated applies to int4 only, not {quant}")
-    path = build(args.base, quant, args.output, args.name, args.context, evaluate=not args.no_eval,
+    base, teacher = args.base, None
+    if args.distill:
+        base, teacher, calibrated = _distill_for_build(args, quant, calibrated)
+        if base is None:  # another process of a torchrun: rank 0 builds
+            return 0
+    else:
+        given = [n for n, default in args.distill_defaults.items() if getattr(args, n) != default]
+        if given:
+            raise JishiError(f"--{given[0].replace('_', '-')} is a distillation option: add --distill to make a student "
+                             "first, or use `jishi distill`")
+    path = build(base, quant, args.output, args.name, args.context, evaluate=not args.no_eval,
                  merge_points=True if adapters else args.merge_points, merge=merge, calibrated=calibrated,
-                 block=args.block)
+                 block=args.block, teacher=teacher)
     if adapters:
         from jishi.export.adapters import add_adapter
 
@@ -284,6 +313,35 @@ def _build(args) -> int:
             add_adapter(path, name, directory)
     print(path)
     return 0
+
+
+def _distill_for_build(args, quant: str, calibrated: bool):
+    """`build --distill`: the student first (resumable), then the build of it; returns (student dir, teacher,
+    calibrated)."""
+    from jishi.distill.base import load_base
+    from jishi.distill.student import distill
+    from jishi.pipeline import default_output
+
+    if args.merge:
+        raise JishiError("--merge and --distill do not go together: distil first, then fine-tune the student")
+    from pathlib import Path
+
+    from jishi.distill.student import read_record
+
+    options, config = _distill_settings(args)
+    teacher = load_base(args.base)
+    size = f"L{args.layers}" if args.layers else f"k{args.keep_ratio:g}"
+    args.name = args.name or f"{teacher.name}-{size}"
+    args.output = args.output or str(default_output(args.name, quant))
+    student = Path(args.student) if args.student else Path(args.output).with_name(Path(args.output).name + ".student")
+    done = read_record(student) if student.is_dir() else None
+    if args.resume and done and done["training"]["steps_done"] >= config.steps and done["teacher"]["sha256"] == teacher.source_sha256:
+        print(f"{student} is already distilled ({config.steps} steps): building it", file=sys.stderr)
+    elif distill(teacher, student, options, config) is None:
+        return None, None, calibrated
+    print(f"student: {student}", file=sys.stderr)
+    # A student's weights lie on no 4-bit grid: int4 by GPTQ, unless QAT already put them on RTN's grid.
+    return str(student), teacher, calibrated or (quant == "int4" and not args.qat)
 
 
 def _named_dir(spec: str) -> tuple[str, str]:
@@ -401,15 +459,28 @@ def _finetune(args) -> int:
 
 
 def _distill(args) -> int:
+    from jishi.distill.student import distill
+
+    options, config = _distill_settings(args)
+    out = distill(args.base, args.output, options, config)
+    if out is not None:
+        print(out)
+    return 0
+
+
+def _distill_settings(args):
+    """``DistillOptions`` and ``KDConfig`` from the command line, checked."""
     from jishi.errors import MissingExtraError
 
     try:
         from jishi.distill.kd import KDConfig
-        from jishi.distill.student import DistillOptions, distill
+        from jishi.distill.student import DistillOptions
     except ImportError as e:
         raise MissingExtraError("build", f"distillation ({e.name})") from None
-    if args.layers is None and args.keep_ratio is None and args.init is None:
-        raise JishiError("say how small the student is: --layers N or --keep-ratio R (or --init STUDENT_DIR to continue one)")
+    init = getattr(args, "init", None)
+    if args.layers is None and args.keep_ratio is None and init is None:
+        raise JishiError("say how small the student is: --layers N or --keep-ratio R"
+                         + (" (or --init STUDENT_DIR to continue one)" if hasattr(args, "init") else ""))
     for flag in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "grad_accum"):
         if getattr(args, flag) < 1:
             raise JishiError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -423,11 +494,8 @@ def _distill(args) -> int:
                       qat_bits=4 if args.qat else None, qat_block=args.block)
     options = DistillOptions(layers=args.layers, keep_ratio=args.keep_ratio, width_ratio=args.width_ratio,
                              method=args.select, data=tuple(args.data or ()), resume=args.resume, threads=args.threads,
-                             generated_prompts=args.generate, generated_tokens=args.generate_tokens, init=args.init)
-    out = distill(args.base, args.output, options, config)
-    if out is not None:
-        print(out)
-    return 0
+                             generated_prompts=args.generate, generated_tokens=args.generate_tokens, init=init)
+    return options, config
 
 
 def _eval(args) -> int:
@@ -460,7 +528,8 @@ def _eval(args) -> int:
 
         print(json.dumps({**info, "models": [r.as_dict() for r in rows]}, indent=2))
     else:
-        print(f"against {info['teacher']} on the {info['text']}: {info['windows']} windows of {info['window']} tokens\n")
+        print(f"against {info['teacher']} (perplexity {info['teacher_perplexity']:.2f}) on the {info['text']}: "
+              f"{info['windows']} windows of {info['window']} tokens\n")
         print(table(rows))
     return 0
 
@@ -781,6 +850,12 @@ def describe(bundle) -> str:
                          if m.merge_points else "none (built with --no-merge-points)"),
         ("adapters", ", ".join(a["name"] + (" (delivered)" if a.get("delivered") else "") for a in m.adapters) or "none"),
     ]
+    d = m.provenance.get("distilled")
+    if d:
+        teacher, plan = d.get("teacher") or {}, d.get("plan") or {}
+        rows.append(("distilled", f"from {teacher.get('name', '?')}: {len(plan.get('layers', []))} of {teacher.get('layers', '?')} "
+                                  f"blocks, {d.get('steps')} steps on {d.get('tokens') or 0:,} tokens"
+                                  + (", int4-aware (QAT)" if d.get("qat") else "")))
     from jishi.runtime.settings import for_this_machine
 
     s = for_this_machine()
@@ -793,6 +868,11 @@ def describe(bundle) -> str:
                                 f"{100 * (ev['perplexity'] / ev['reference_perplexity'] - 1):+.1f}%), "
                                 f"top-1 agreement {100 * ev['top1_agreement']:.1f}%"))
         rows.append(("measured on", ev["heldout"]))
+        vt = ev.get("teacher")
+        if vt:
+            rows.append(("vs teacher", f"{vt['name']}: perplexity {vt['student_perplexity']:.2f} against its "
+                                       f"{vt['perplexity']:.2f} ({vt['student_perplexity'] / vt['perplexity']:.2f}x), top-1 "
+                                       f"agreement {100 * vt['top1_agreement']:.1f}%, KL {vt['kl']:.3f} nats/token"))
         mg = ev.get("merged")
         if mg:
             rows.append(("merged", f"adapter {m.provenance.get('merged_adapter', {}).get('name')} folded into the weights; "

@@ -188,13 +188,14 @@ def evaluate_models(specs: list[str], teacher: str | None = None, text: str | No
     nll = np.zeros(len(models))
     agree = np.zeros(len(models))
     kl = np.zeros(len(models))
-    n = 0
+    teacher_nll, n = 0.0, 0
     with tqdm(total=len(wins) * (1 + len(models)), desc="Evaluating", disable=quiet, file=sys.stderr) as bar:
         for w in wins:
             tl = _log_softmax(t.logits(w))
             bar.update(1)
             tp, top = np.exp(tl), tl.argmax(-1)
             target = np.array(w[1:])
+            teacher_nll -= tl[np.arange(len(w) - 1), target].sum()
             for j, m in enumerate(models):
                 ml = _log_softmax(m.logits(w))
                 nll[j] -= ml[np.arange(len(w) - 1), target].sum()
@@ -208,7 +209,8 @@ def evaluate_models(specs: list[str], teacher: str | None = None, text: str | No
         speed = m.decode_speed(prompt, decode_tokens) if decode_tokens > 1 else None
         rows.append(Scored(m.label, m.kind, m.quant, m.layers, m.params, m.size,
                            float(np.exp(nll[j] / (n - len(wins)))), agree[j] / n, kl[j] / n, speed))
-    info = {"teacher": t.label, "windows": len(wins), "window": size,
+    info = {"teacher": t.label, "teacher_perplexity": float(np.exp(teacher_nll / (n - len(wins)))),
+            "windows": len(wins), "window": size,
             "text": "held-out (pydoc_data.topics, first 20000 characters)" if text is None else "given file"}
     return rows, info
 

@@ -34,6 +34,7 @@ def build(
     calibrated: bool = False,
     block: int = 32,
     calibration_sequences: int = 16,
+    teacher=None,
 ) -> Path:
     """Build a bundle from a base model; returns its directory.
 
@@ -44,6 +45,10 @@ def build(
     rounding to nearest; ``block`` is the int4/int8 block size. ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
     the weights before quantization: a bundle for one task, with no merge points; its
     evaluation compares int4 and int8 of the merged weights and recommends one.
+
+    A student (a directory written by ``jishi distill``) is also measured against its
+    teacher: ``teacher`` (a known name, path or loaded base), else the one its record names
+    when it can be found here.
     """
     from tqdm import tqdm
 
@@ -155,6 +160,9 @@ def build(
             if merged:
                 size = sum(f.size for f in manifest.files.values())
                 evaluation["merged"] = _compare_merged(base_model, quant, evaluation, size, context, quiet)
+            versus = _versus_teacher(staging, base_model, teacher, say)
+            if versus:
+                evaluation["teacher"] = versus
             manifest = replace(manifest, evaluation=evaluation)
             write_manifest(staging, manifest)
         publish(staging, target)
@@ -274,6 +282,28 @@ def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: in
         "top1_agreement": round(agree / len(wins), 4),
         "accuracy_level": model.manifest.graph.quantization.get("accuracy_level"),
     }
+
+
+def _versus_teacher(bundle_dir: Path, base, teacher, say) -> dict | None:
+    """A student bundle's perplexity, top-1 agreement and KL against its teacher on the held-out text."""
+    from jishi.distill.base import LoadedBase
+    from jishi.evaluation import default_teacher, evaluate_models
+
+    if teacher is None:
+        if _distill_record(base.source) is None:
+            return None
+        teacher = default_teacher(base.source)
+        if teacher is None:
+            say("note: the student's teacher is not on this machine, so the bundle is not measured against it")
+            return None
+    say("Measuring it against the teacher…")
+    loaded = teacher if isinstance(teacher, LoadedBase) else None
+    rows, info = evaluate_models([str(bundle_dir)], None if loaded else str(teacher), decode_tokens=0, quiet=True,
+                                 teacher_loaded=loaded)
+    r = rows[0]
+    return {"name": loaded.name if loaded else Path(str(teacher)).name, "perplexity": round(info["teacher_perplexity"], 4),
+            "student_perplexity": round(r.perplexity, 4), "top1_agreement": round(r.top1_agreement, 4),
+            "kl": round(r.kl, 5), "windows": info["windows"], "window": info["window"]}
 
 
 def _distill_record(source: str) -> dict | None:

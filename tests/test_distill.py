@@ -493,6 +493,53 @@ def test_cli_distill_build_eval(teacher_dir, tmp_path):
     assert figures["kl"] < 1e-9 and figures["top1_agreement"] == 1.0  # the teacher against itself
 
 
+def test_build_distill_is_one_stage_and_measures_the_student_against_its_teacher(teacher_dir, calib_file, tmp_path, capsys):
+    """`build --distill`: prune, distil, GPTQ int4, and the manifest holds the comparison with the teacher."""
+    from jishi.cli import main
+    from jishi.distill.base import load_base
+    from jishi.heldout import heldout_text, windows
+
+    bundle = tmp_path / "small-int4"
+    args = ["build", "--base", str(teacher_dir), "--distill", "--layers", "3", "--data", str(calib_file), "--steps", "2",
+            "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--threads", "1", "--context", "128", "-o", str(bundle)]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == str(bundle) and "GPTQ on calibration text" in out.err
+    student = tmp_path / "small-int4.student"
+    rec = json.loads((student / "jishi_distill.json").read_text())
+    assert rec["training"]["steps_done"] == 2 and len(rec["plan"]["layers"]) == 3
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["config"]["num_layers"] == 3 and m["graph"]["quantization"]["method"] == "gptq"
+    assert m["provenance"]["distilled"]["plan"]["layers"] == rec["plan"]["layers"]
+    ev, vt = m["evaluation"], m["evaluation"]["teacher"]
+    # two code paths (the build's own evaluation, the teacher comparison) score the same bundle on the same windows
+    assert vt["student_perplexity"] == pytest.approx(ev["perplexity"], rel=1e-3)
+    teacher = load_base(str(teacher_dir)).model
+    wins = windows(load_base(str(teacher_dir)).runtime_tokenizer().encode(heldout_text(), bos=False), 128)
+    nll = 0.0
+    with torch.no_grad():
+        for w in wins:
+            logp = torch.log_softmax(teacher(input_ids=torch.tensor([w])).logits[0].double(), -1)
+            nll -= float(logp[torch.arange(len(w) - 1), torch.tensor(w[1:])].sum())
+    assert vt["perplexity"] == pytest.approx(float(np.exp(nll / sum(len(w) - 1 for w in wins))), rel=1e-6)
+    assert vt["windows"] == len(wins) and 0 < vt["top1_agreement"] < 1 and vt["kl"] > 0
+    assert main(["info", str(bundle)]) == 0
+    info = capsys.readouterr().out
+    assert "\ndistilled     from teacher6: 3 of 6 blocks, 2 steps on 128 tokens\n" in info
+    assert f"perplexity {vt['student_perplexity']:.2f} against its {vt['perplexity']:.2f}" in info
+
+    # run again with --resume: the finished student is built again, not trained again
+    assert main(args + ["--resume", "--quant", "int8", "-o", str(tmp_path / "small-int8"), "--student", str(student)]) == 0
+    assert "is already distilled (2 steps): building it" in capsys.readouterr().err
+    assert json.loads((tmp_path / "small-int8" / "manifest.json").read_text())["graph"]["quantization"]["name"] == "int8"
+
+    code = main(["build", "--base", str(teacher_dir), "--layers", "3", "-o", str(tmp_path / "x")])
+    assert code == 1 and "--layers is a distillation option: add --distill" in capsys.readouterr().err
+    code = main(["build", "--base", str(teacher_dir), "--distill", "-o", str(tmp_path / "x")])
+    assert code == 1 and "say how small the student is: --layers N or --keep-ratio R" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_errors_say_what_to_do(teacher_dir, tmp_path, capsys):
     from jishi.cli import main
 
