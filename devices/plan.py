@@ -89,7 +89,9 @@ def core_speed(profile: Profile) -> float:
 
 
 def estimate(model: ModelShape, profile: Profile, quant: str, context: int) -> Estimate:
-    head_tables = 1 if model.tied and quant in ("fp32", "fp16") else 2  # quantized: LM head and embedding stored apart
+    # Quantized, a tied table is stored once, but in memory the LM head's kernel holds its own prepacked copy
+    # beside the codes the embedding lookup reads.
+    head_tables = 1 if model.tied and quant in ("fp32", "fp16") else 2
     weights = int(model.linear_params * _LINEAR[quant] + head_tables * model.embedding_params * _HEAD[quant])
     kv = 2 * model.layers * model.kv_heads * model.head_dim * context * 4
     memory = weights + kv + RUNTIME_OVERHEAD

@@ -12,7 +12,11 @@ Which blocks to keep is measured on calibration text (never the held-out text):
 
 Width pruning (Minitron-style) keeps, in every layer, the MLP channels with the
 largest mean activation ``|silu(gate(x))·up(x)|`` at the input of ``down_proj``; the
-kept count is a multiple of 32 so that int4 blocks still tile ``down_proj``.
+kept count is a multiple of 32 so that int4 blocks still tile ``down_proj``. Head
+pruning keeps, in every layer, the query heads whose attention output (their slice of
+the input of ``o_proj``) has the largest mean L2 norm; the same number in every
+key/value group, so grouped-query attention still maps each query head to its own
+key/value head, and the key/value heads all stay.
 
 The student starts from the teacher's weights: kept blocks, embeddings, final norm
 and LM head are copied bit for bit; width-pruned projections are row/column slices.
@@ -36,11 +40,24 @@ class StudentPlan:
     importance: tuple[float, ...] | None  # per teacher block, for the record
     intermediate_size: int | None = None  # new MLP width, None = unchanged
     channels: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)  # per kept layer
+    num_heads: int | None = None  # query heads kept per layer, None = unchanged
+    heads: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)  # per kept layer, teacher head indices
 
     def as_dict(self) -> dict:
         return {"layers": list(self.layers), "method": self.method,
                 "importance": [round(v, 6) for v in self.importance] if self.importance else None,
-                "intermediate_size": self.intermediate_size}
+                "intermediate_size": self.intermediate_size, "num_heads": self.num_heads}
+
+    def selections(self) -> dict:
+        """The kept channels and heads (for a checkpointed plan)."""
+        return {"channels": [list(c) for c in self.channels] if self.channels else None,
+                "heads": [list(h) for h in self.heads] if self.heads else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudentPlan":
+        tup = lambda rows: tuple(tuple(r) for r in rows) if rows else None
+        return cls(tuple(d["layers"]), d["method"], tuple(d["importance"]) if d.get("importance") else None,
+                   d.get("intermediate_size"), tup(d.get("channels")), d.get("num_heads"), tup(d.get("heads")))
 
 
 def _layers(model):
@@ -145,20 +162,60 @@ def layers_to_keep(total: int, layers: int | None = None, keep_ratio: float | No
     return layers
 
 
-def mlp_channel_importance(model, batches) -> list:
-    """Per layer, a float tensor (intermediate size) of mean |input of down_proj| over tokens."""
+def width_importance(model, batches, mlp: bool = True, heads: bool = False) -> tuple[list | None, list | None]:
+    """One pass over ``batches``: per layer, the mean |input of down_proj| of every MLP channel
+    (float tensor, intermediate size) and the mean L2 norm of every query head's attention
+    output (float tensor, heads); None for what is not asked."""
+    hd = _head_dim(model.config)
+    n = len(_layers(model))
+    acc = {"mlp": [None] * n, "heads": [None] * n}
 
-    acc = [None] * len(_layers(model))
-
-    def hook(i):
+    def hook(kind, i):
         def fn(module, args):
-            a = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).sum(0)
-            acc[i] = a if acc[i] is None else acc[i] + a
+            x = args[0].detach().float()
+            if kind == "mlp":
+                a = x.abs().reshape(-1, x.shape[-1]).sum(0)
+            else:
+                a = x.reshape(-1, x.shape[-1] // hd, hd).norm(dim=-1).sum(0)
+            acc[kind][i] = a if acc[kind][i] is None else acc[kind][i] + a
         return fn
 
-    count = _run_hooked(model, batches, [layer.mlp.down_proj.register_forward_pre_hook(hook(i))
-                                         for i, layer in enumerate(_layers(model))])
-    return [a / count for a in acc]
+    hooks = []
+    for i, layer in enumerate(_layers(model)):
+        if mlp:
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook("mlp", i)))
+        if heads:
+            hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(hook("heads", i)))
+    count = _run_hooked(model, batches, hooks)
+    out = [[a / count for a in acc[k]] if want else None for k, want in (("mlp", mlp), ("heads", heads))]
+    return out[0], out[1]
+
+
+def mlp_channel_importance(model, batches) -> list:
+    """Per layer, a float tensor (intermediate size) of mean |input of down_proj| over tokens."""
+    return width_importance(model, batches, mlp=True)[0]
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def heads_for(heads: int, kv_heads: int, ratio: float) -> int:
+    """Query heads kept for ``ratio``: the same whole number in each key/value group, at least one."""
+    if not 0 < ratio <= 1:
+        raise JishiError(f"the head ratio must be in (0, 1], got {ratio}")
+    group = heads // kv_heads
+    return kv_heads * max(1, min(group, round(group * ratio)))
+
+
+def pick_heads(scores, heads: int, kv_heads: int, keep: int) -> tuple[int, ...]:
+    """The ``keep`` query heads to keep: the strongest ``keep / kv_heads`` of each group, in order."""
+    group, per = heads // kv_heads, keep // kv_heads
+    out = []
+    for g in range(kv_heads):
+        members = list(range(g * group, (g + 1) * group))
+        out += sorted(sorted(members, key=lambda h: (-float(scores[h]), h))[:per])
+    return tuple(out)
 
 
 def width_for(intermediate: int, ratio: float) -> int:
@@ -171,8 +228,9 @@ def width_for(intermediate: int, ratio: float) -> int:
 
 
 def plan_student(model, batches, layers: int | None = None, keep_ratio: float | None = None,
-                 width_ratio: float | None = None, method: str = "influence") -> StudentPlan:
-    """Measure on ``batches`` and choose the blocks (and MLP channels) the student keeps."""
+                 width_ratio: float | None = None, method: str = "influence",
+                 head_ratio: float | None = None) -> StudentPlan:
+    """Measure on ``batches`` and choose the blocks (and MLP channels, and query heads) the student keeps."""
     if method not in METHODS:
         raise JishiError(f"unknown layer selection {method!r}; choose one of {', '.join(METHODS)}")
     total = len(_layers(model))
@@ -182,17 +240,20 @@ def plan_student(model, batches, layers: int | None = None, keep_ratio: float | 
     else:
         importance = block_influence(model, batches) if method == "influence" else skip_loss_importance(model, batches)
         chosen = select_layers(importance, keep)
-    width = channels = None
-    if width_ratio is not None and width_ratio != 1:
-        inter = model.config.intermediate_size
-        width = width_for(inter, width_ratio)
-        if width < inter:
-            scores = mlp_channel_importance(model, batches)
-            channels = tuple(tuple(sorted(int(c) for c in scores[i].argsort(descending=True)[:width].tolist()))
+    cfg = model.config
+    width = cfg.intermediate_size if width_ratio is None else width_for(cfg.intermediate_size, width_ratio)
+    nh, nkv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    keep_heads = nh if head_ratio is None else heads_for(nh, nkv, head_ratio)
+    channels = heads = None
+    if width < cfg.intermediate_size or keep_heads < nh:
+        mlp_scores, head_scores = width_importance(model, batches, mlp=width < cfg.intermediate_size, heads=keep_heads < nh)
+        if mlp_scores:
+            channels = tuple(tuple(sorted(int(c) for c in mlp_scores[i].argsort(descending=True)[:width].tolist()))
                              for i in chosen)
-        else:
-            width = None
-    return StudentPlan(tuple(chosen), method, tuple(importance) if importance else None, width, channels)
+        if head_scores:
+            heads = tuple(pick_heads(head_scores[i], nh, nkv, keep_heads) for i in chosen)
+    return StudentPlan(tuple(chosen), method, tuple(importance) if importance else None,
+                       width if channels else None, channels, keep_heads if heads else None, heads)
 
 
 def build_student(teacher, plan: StudentPlan):
@@ -207,6 +268,10 @@ def build_student(teacher, plan: StudentPlan):
         config.max_window_layers = min(config.max_window_layers, len(plan.layers))
     if plan.intermediate_size:
         config.intermediate_size = plan.intermediate_size
+    hd = _head_dim(teacher.config)
+    if plan.num_heads:
+        config.head_dim = hd  # no longer hidden size / heads
+        config.num_attention_heads = plan.num_heads
     torch.manual_seed(0)  # the fresh weights are all overwritten; keep construction deterministic anyway
     student = type(teacher)(config).to(torch.float32)
     source = teacher.state_dict()
@@ -222,6 +287,9 @@ def build_student(teacher, plan: StudentPlan):
                     value = value.index_select(0, idx)
                 elif rest == "mlp.down_proj.weight":
                     value = value.index_select(1, idx)
+            if plan.heads is not None and rest.startswith(("self_attn.q_proj.", "self_attn.o_proj.")):
+                rows = torch.tensor([h * hd + d for h in plan.heads[j] for d in range(hd)], dtype=torch.long)
+                value = value.index_select(1 if rest == "self_attn.o_proj.weight" else 0, rows)
             target[key] = value
         else:
             target[key] = source[key]
@@ -259,6 +327,8 @@ def describe_plan(plan: StudentPlan, total: int) -> str:
     text = f"keep {len(plan.layers)} of {total} blocks ({plan.method}): drop {dropped}"
     if plan.intermediate_size:
         text += f"; MLP width {plan.intermediate_size}"
+    if plan.num_heads:
+        text += f"; {plan.num_heads} query heads"
     return text
 
 

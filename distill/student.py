@@ -26,6 +26,7 @@ class DistillOptions:
     layers: int | None = None
     keep_ratio: float | None = None
     width_ratio: float | None = None
+    head_ratio: float | None = None  # fraction of the query heads kept in every block
     method: str = "influence"
     data: tuple[str, ...] = ()
     generated_prompts: int | None = None  # how many built-in prompts the teacher answers (default all)
@@ -72,17 +73,14 @@ def distill(base, output: str | Path, options: DistillOptions, config=None, quie
         if options.init:
             plan, start = _plan_of_student(options.init, total)
         elif options.resume and plan_file.is_file():
-            saved = json.loads(plan_file.read_text())
-            plan = StudentPlan(tuple(saved["layers"]), saved["method"],
-                               tuple(saved["importance"]) if saved["importance"] else None,
-                               saved["intermediate_size"],
-                               tuple(tuple(c) for c in saved["channels"]) if saved["channels"] else None)
+            plan = StudentPlan.from_dict(json.loads(plan_file.read_text()))
         else:
             calib = calibration_batches(tok, options.calibration_sequences, min(config.seq_len, 512))
-            plan = plan_student(teacher, calib, options.layers, options.keep_ratio, options.width_ratio, options.method)
+            plan = plan_student(teacher, calib, options.layers, options.keep_ratio, options.width_ratio, options.method,
+                                options.head_ratio)
             if rank == 0:
                 work.mkdir(parents=True, exist_ok=True)
-                _write_json(plan_file, {**plan.as_dict(), "channels": [list(c) for c in plan.channels] if plan.channels else None})
+                _write_json(plan_file, {**plan.as_dict(), **plan.selections()})
         say(describe_plan(plan, total) + (f", starting from {options.init}" if options.init else ""))
         student = start if options.init else build_student(teacher, plan)
 
@@ -159,10 +157,8 @@ def _plan_of_student(path, teacher_layers: int):
     if rec["teacher"]["layers"] != teacher_layers:
         raise JishiError(f"{path} was distilled from a teacher with {rec['teacher']['layers']} layers, not this one "
                          f"({teacher_layers}); pass its teacher as --base")
-    p = rec["plan"]
     model = load_base(str(path)).model
-    return StudentPlan(tuple(p["layers"]), p["method"], tuple(p["importance"]) if p["importance"] else None,
-                       p["intermediate_size"]), model
+    return StudentPlan.from_dict(rec["plan"]), model
 
 
 def _rank():

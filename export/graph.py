@@ -32,7 +32,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from jishi.errors import BaseModelError
-from jishi.export.quant import QuantizedWeight, concat_outputs, quantize_asymmetric, quantize_symmetric_int8
+from jishi.export.quant import (QuantizedWeight, concat_outputs, quantize_asymmetric, quantize_symmetric_int8,
+                               unpack_zero_points)
 from jishi.runtime.manifest import ModelConfig
 
 QUANTS = ("int4", "int8", "fp16", "fp32")
@@ -50,11 +51,13 @@ class QuantRecipe:
     zero_point_correction: bool = True  # int4: keep float block minima exactly
     merge_points: bool = False  # LoRA inputs on every fused projection (see _Linear)
     method: str = "rtn"  # int4 codes: "rtn" (round to nearest on each block's min/max grid) or "gptq" (calibrated)
+    head_bits: int = 8  # int4/int8: the embedding table and LM head (one copy of the codes when they are tied)
 
     def as_dict(self) -> dict:
         d = {"name": self.name}
         if self.name in ("int4", "int8"):
-            d.update(block=self.block, accuracy_level=self.accuracy_level, lm_head="int8", embedding="int8")
+            head = f"int{self.head_bits}"
+            d.update(block=self.block, accuracy_level=self.accuracy_level, lm_head=head, embedding=head)
             if self.name == "int4":
                 d["zero_point_correction"] = self.zero_point_correction
                 if self.method != "rtn":
@@ -215,7 +218,12 @@ def build_decoder(
     lm_head = embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
     # The layers work on token rows (batch·seq × hidden): 2-D lets each zero-point
     # correction be one Gemm. Attention alone needs (batch, seq, features).
-    rows = g.op("Reshape", [_embedding(g, recipe, embed), g.init("shape.rows", np.array([-1, H], np.int64))], name="embed/rows")
+    head_codes = None
+    if recipe.name in ("int4", "int8"):
+        head_codes = (quantize_symmetric_int8(embed, recipe.block) if recipe.head_bits == 8
+                      else quantize_asymmetric(embed, 4, recipe.block, correct=False))
+    rows = g.op("Reshape", [_embedding(g, recipe, embed, head_codes, cfg.tie_word_embeddings),
+                            g.init("shape.rows", np.array([-1, H], np.int64))], name="embed/rows")
     hidden = rows
     ids_shape = g.op("Shape", ["input_ids"], name="ids_shape")
     qkv_width = (nh + 2 * nkv) * hd
@@ -266,7 +274,7 @@ def build_decoder(
 
     normed, _ = _skip_norm(g, x, residual, g.init("model.norm.weight", weights["model.norm.weight"].astype(np.float32)), cfg, "final_norm")
     picked = g.op("Gather", [normed, "logits_index"], axis=0, name="pick_rows")
-    _lm_head(g, recipe, picked, lm_head, tied=cfg.tie_word_embeddings)
+    _lm_head(g, recipe, picked, lm_head, tied=cfg.tie_word_embeddings, tied_codes=head_codes)
 
     unused = sorted(k for k in set(weights) - weights.used if not k.endswith("rotary_emb.inv_freq")
                     and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
@@ -299,23 +307,26 @@ def _skip_norm(g: _Graph, x: str, residual: str, gamma: str, cfg: ModelConfig, n
     return out[0], out[3]
 
 
-def _embedding(g: _Graph, recipe: QuantRecipe, embed: np.ndarray) -> str:
-    if recipe.name in ("fp32", "fp16"):
+def _embedding(g: _Graph, recipe: QuantRecipe, embed: np.ndarray, codes: QuantizedWeight | None, tied: bool) -> str:
+    if codes is None:
         table = g.init("model.embed_tokens.weight", embed.astype(np.float16 if recipe.name == "fp16" else np.float32))
         rows = g.op("Gather", [table, "input_ids"], axis=0, name="embed")
         return g.op("Cast", [rows], to=TensorProto.FLOAT, name="embed/cast") if recipe.name == "fp16" else rows
-    qe = quantize_symmetric_int8(embed, recipe.block)
-    vocab, hidden = embed.shape
+    # The codes in MatMulNBits' layout (vocab, blocks, bytes per block), which GatherBlockQuantized reads
+    # along its last axis: a tied LM head then uses the very same initializer, one copy of the largest tensor.
+    vocab, nb = codes.n, codes.k // codes.block
     inputs = [
-        g.init("model.embed_tokens.qweight", qe.packed.reshape(vocab, hidden)),
+        g.init("lm_head.qweight" if tied else "model.embed_tokens.qweight", codes.packed),
         "input_ids",
-        g.init("model.embed_tokens.scales", qe.scales),
-        g.init("model.embed_tokens.qzeros", qe.zero_points.reshape(vocab, -1)),
+        g.init("model.embed_tokens.scales", codes.scales.reshape(vocab, nb, 1)),
+        g.init("model.embed_tokens.qzeros", unpack_zero_points(codes.zero_points, codes.bits, vocab, nb).reshape(vocab, nb, 1)),
     ]
-    return g.op("GatherBlockQuantized", inputs, domain=MS, name="embed", gather_axis=0, quantize_axis=1, block_size=qe.block, bits=8)
+    return g.op("GatherBlockQuantized", inputs, domain=MS, name="embed", gather_axis=0, quantize_axis=2,
+                block_size=codes.block, bits=codes.bits)
 
 
-def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: bool) -> None:
+def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: bool,
+             tied_codes: QuantizedWeight | None = None) -> None:
     if recipe.name in ("fp32", "fp16"):
         if tied:
             # Gemm with transB reads the embedding table as it is: one copy of the largest tensor.
@@ -330,10 +341,15 @@ def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: b
             w = g.op("Cast", [w], to=TensorProto.FLOAT, name="lm_head/cast")
         g.op("MatMul", [x, w], name="lm_head/matmul", outputs=["logits"])
         return
-    qw = quantize_symmetric_int8(weight, recipe.block)
-    inputs = [x, g.init("lm_head.qweight", qw.packed), g.init("lm_head.scales", qw.scales.reshape(-1)), g.init("lm_head.qzeros", qw.zero_points)]
+    if tied:
+        qw, packed = tied_codes, "lm_head.qweight"  # written by _embedding
+    else:
+        qw = (quantize_symmetric_int8(weight, recipe.block) if recipe.head_bits == 8
+              else quantize_asymmetric(weight, 4, recipe.block, correct=False))
+        packed = g.init("lm_head.qweight", qw.packed)
+    inputs = [x, packed, g.init("lm_head.scales", qw.scales.reshape(-1)), g.init("lm_head.qzeros", qw.zero_points)]
     g.op("MatMulNBits", inputs, domain=MS, name="lm_head/matmul", outputs=["logits"],
-         K=qw.k, N=qw.n, bits=8, block_size=qw.block, accuracy_level=recipe.accuracy_level)
+         K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block, accuracy_level=recipe.accuracy_level)
 
 
 def save_model(model: onnx.ModelProto, path: Path, data_name: str | None = None) -> list[Path]:

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="int4 codes by GPTQ on calibration text instead of round-to-nearest (for weights off any 4-bit "
                         "grid: students, fine-tuned models; the default base keeps its own grid exactly without it)")
     b.add_argument("--block", type=int, default=32, help="int4/int8 block size along the input (16, 32, 64, 128; default 32)")
+    b.add_argument("--head", choices=["int8", "int4"], default="int8",
+                   help="int4/int8 bundles: bits of the embedding table and LM head (default int8, which keeps a Q8_0 "
+                        "base's exactly; int4 is smaller, measure it with the build's evaluation)")
     b.add_argument("--device", help="plan the build for this device profile (see `jishi devices`) or 'detect'")
     b.add_argument("-o", "--output", help="bundle directory (default ./bundles/<name>-<quant>)")
     b.add_argument("--name", help="model name in the manifest (default: from the base)")
@@ -233,6 +236,8 @@ def _distill_options(parser, group, with_init: bool = True) -> dict:
                           help="continue training a student written by jishi distill (e.g. --qat after plain distillation)")
     add = group.add_argument
     add("--width-ratio", type=float, help="fraction of the MLP channels kept in every block (default all)")
+    add("--head-ratio", type=float, help="fraction of the attention (query) heads kept in every block, the same "
+        "number per key/value group (default all)")
     add("--select", default="influence", choices=["influence", "skip-loss", "even"],
         help="how blocks are chosen: block influence, loss when skipped, or evenly spaced (default influence)")
     add("--data", nargs="+", metavar="FILE",
@@ -257,7 +262,7 @@ def _distill_options(parser, group, with_init: bool = True) -> dict:
     add("--resume", action="store_true", help="continue from the checkpoint in the student's .work/ directory")
     add("--seed", type=int, default=0)
     add("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    names = ["layers", "keep_ratio", "width_ratio", "select", "data", "generate", "generate_tokens", "steps", "batch_size",
+    names = ["layers", "keep_ratio", "width_ratio", "head_ratio", "select", "data", "generate", "generate_tokens", "steps", "batch_size",
              "grad_accum", "seq_len", "lr", "temperature", "ce_weight", "hidden_weight", "teacher_topk", "bf16", "qat",
              "eval_every", "checkpoint_every", "resume", "seed", "threads"]
     return {n: parser.get_default(n) for n in names}
@@ -305,7 +310,7 @@ def _build(args) -> int:
                              "first, or use `jishi distill`")
     path = build(base, quant, args.output, args.name, args.context, evaluate=not args.no_eval,
                  merge_points=True if adapters else args.merge_points, merge=merge, calibrated=calibrated,
-                 block=args.block, teacher=teacher)
+                 block=args.block, teacher=teacher, head_bits=int(args.head[3:]))
     if adapters:
         from jishi.export.adapters import add_adapter
 
@@ -493,6 +498,7 @@ def _distill_settings(args):
                       eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
                       qat_bits=4 if args.qat else None, qat_block=args.block)
     options = DistillOptions(layers=args.layers, keep_ratio=args.keep_ratio, width_ratio=args.width_ratio,
+                             head_ratio=args.head_ratio,
                              method=args.select, data=tuple(args.data or ()), resume=args.resume, threads=args.threads,
                              generated_prompts=args.generate, generated_tokens=args.generate_tokens, init=init)
     return options, config

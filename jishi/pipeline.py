@@ -35,6 +35,7 @@ def build(
     block: int = 32,
     calibration_sequences: int = 16,
     teacher=None,
+    head_bits: int = 8,
 ) -> Path:
     """Build a bundle from a base model; returns its directory.
 
@@ -42,7 +43,8 @@ def build(
     already loaded with ``jishi.distill.base.load_base`` (to build several
     bundles from one load). ``calibrated`` (int4 only) finds the int4 codes with GPTQ on
     calibration text (the part of pydoc_data.topics after the held-out text) instead of
-    rounding to nearest; ``block`` is the int4/int8 block size. ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
+    rounding to nearest; ``block`` is the int4/int8 block size; ``head_bits`` (8 or 4) the
+    embedding table's and LM head's. ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
     the weights before quantization: a bundle for one task, with no merge points; its
     evaluation compares int4 and int8 of the merged weights and recommends one.
 
@@ -63,6 +65,10 @@ def build(
         raise JishiError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
     if calibrated and quant != "int4":
         raise JishiError(f"--calibrated applies to int4 only (asked for {quant})")
+    if head_bits not in (4, 8):
+        raise JishiError(f"the embedding / LM head is stored at 8 or 4 bits, not {head_bits}")
+    if head_bits != 8 and quant not in ("int4", "int8"):
+        raise JishiError(f"--head int{head_bits} applies to int4 and int8 bundles (asked for {quant})")
     if block not in (16, 32, 64, 128):
         raise JishiError(f"block size {block} is not supported; choose 16, 32, 64 or 128")
     if context < 16:
@@ -98,7 +104,7 @@ def build(
     # holds the graph without them, over the same weights file, for requests with no adapter.
     adapter_graph = "model.lora.onnx" if merge_points and quant != "int4" else None
     recipe = QuantRecipe(quant, block=block, accuracy_level=accuracy_level, merge_points=merge_points,
-                         method="gptq" if calibrated else "rtn")
+                         method="gptq" if calibrated else "rtn", head_bits=head_bits)
     prequantized = None
     if calibrated:
         from jishi.distill.prune import calibration_batches
@@ -314,9 +320,9 @@ def _distill_record(source: str) -> dict | None:
     if not path.is_file():
         return None
     rec = json.loads(path.read_text())
+    training = rec.get("training") or {}  # None for a pruned, untrained student
     return {"teacher": rec.get("teacher"), "plan": rec.get("plan"), "data": rec.get("data"), "qat": rec.get("qat"),
-            "heldout": rec.get("heldout"), "steps": rec.get("training", {}).get("steps_done"),
-            "tokens": rec.get("training", {}).get("tokens")}
+            "heldout": rec.get("heldout"), "steps": training.get("steps_done", 0), "tokens": training.get("tokens", 0)}
 
 
 def _versions() -> dict:

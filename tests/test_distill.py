@@ -139,6 +139,57 @@ def test_width_pruning_keeps_the_most_active_mlp_channels(teacher):
     assert torch.equal(dst.down_proj.weight, src.down_proj.weight[:, idx])
 
 
+def test_head_pruning_keeps_the_strongest_heads_of_each_group_and_exports(teacher, tmp_path):
+    """Query heads are chosen per key/value group by their output's norm; the student is sliced
+    consistently (q rows, o columns, head_dim), so a pruned head that contributed nothing changes
+    nothing, and the exporter runs the narrower attention exactly as torch does."""
+    import copy
+
+    import jishi
+    from jishi.distill.prune import StudentPlan, build_student, calibration_batches, pick_heads, plan_student
+    from jishi.pipeline import build
+
+    assert pick_heads([0.1, 0.9, 0.5, 0.7, 0.2, 0.3], 6, 2, 4) == (1, 2, 3, 5)
+    model = copy.deepcopy(teacher.model)  # 4 query heads of 16, 2 key/value heads: groups {0, 1} and {2, 3}
+    with torch.no_grad():
+        for layer in model.model.layers:
+            q = layer.self_attn.q_proj.weight.view(4, 16, 64)
+            q[0] = 0  # uniform attention: the mean of the values, a short vector
+            q[3] = 0
+            q[1] *= 20  # sharp attention: single value vectors, long
+            q[2] *= 20
+    batches = calibration_batches(teacher.runtime_tokenizer(), 2, 64)
+    plan = plan_student(model, batches, layers=6, method="even", head_ratio=0.5)
+    assert plan.num_heads == 2 and plan.heads == ((1, 2),) * 6
+    student = build_student(model, plan)
+    assert student.config.num_attention_heads == 2 and student.config.head_dim == 16
+    assert student.config.num_key_value_heads == 2
+    src, dst = model.model.layers[3].self_attn, student.model.layers[3].self_attn
+    assert torch.equal(dst.q_proj.weight, torch.cat([src.q_proj.weight[16:32], src.q_proj.weight[32:48]]))
+    assert torch.equal(dst.o_proj.weight, torch.cat([src.o_proj.weight[:, 16:32], src.o_proj.weight[:, 32:48]], 1))
+    assert torch.equal(dst.k_proj.weight, src.k_proj.weight) and torch.equal(dst.v_proj.weight, src.v_proj.weight)
+
+    # heads 0 and 3 silenced at o_proj: dropping them must leave the logits as they are
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, :16] = 0
+            layer.self_attn.o_proj.weight[:, 48:] = 0
+    plan = StudentPlan(tuple(range(6)), "even", None, num_heads=2, heads=((1, 2),) * 6)
+    student = build_student(model, plan)
+    ids = torch.tensor([_heldout(teacher, 48, 1)[0]])
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits[0], student(input_ids=ids).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    out = tmp_path / "student"
+    from jishi.distill.student import save_student
+
+    save_student(student, teacher, out, {"plan": plan.as_dict(), "training": None})
+    bundle = jishi.load(build(str(out), "fp32", tmp_path / "fp32", context=128, evaluate=False, quiet=True))
+    assert bundle.manifest.config.num_heads == 2 and bundle.manifest.config.head_dim == 16
+    np.testing.assert_allclose(bundle.engine.feed(ids[0].tolist(), all_logits=True), got.numpy(), atol=1e-4, rtol=0)
+
+
 def test_layer_counts_are_checked(teacher):
     from jishi.distill.prune import layers_to_keep
 

@@ -75,9 +75,11 @@ def compare_greedy(got: list[int], expected: list[int], margins: list[float], to
     assert len(got) == len(expected)
 
 
-def _dequantized_reference(model, quant):
+def _dequantized_reference(model, quant, head_bits=8):
     """The torch model with the exact weights the quantized graph stores (dequantized)."""
     from jishi.export.quant import quantize_asymmetric, quantize_symmetric_int8
+
+    head = (lambda w: quantize_symmetric_int8(w)) if head_bits == 8 else (lambda w: quantize_asymmetric(w, 4, 32, correct=False))
 
     with torch.no_grad():
         for name, mod in model.named_modules():
@@ -87,14 +89,15 @@ def _dequantized_reference(model, quant):
                 mod.weight.copy_(torch.from_numpy(qw.dequantize()))
         for emb in {id(model.model.embed_tokens.weight): model.model.embed_tokens.weight,
                     id(model.lm_head.weight): model.lm_head.weight}.values():
-            emb.copy_(torch.from_numpy(quantize_symmetric_int8(emb.numpy()).dequantize()))
+            emb.copy_(torch.from_numpy(head(emb.numpy()).dequantize()))
     return model
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
+@pytest.mark.parametrize("quant,head_bits", [("int4", 8), ("int8", 8), ("int4", 4)])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_quantized_graph_computes_with_exactly_its_quantized_weights(family, quant, tiny_dirs, tmp_path):
-    """At accuracy level 0 (float activations) the int4/int8 graph is the dequantized model, tightly."""
+def test_quantized_graph_computes_with_exactly_its_quantized_weights(family, quant, head_bits, tiny_dirs, tmp_path):
+    """At accuracy level 0 (float activations) the int4/int8 graph is the dequantized model, tightly,
+    with the embedding and LM head at 8 or 4 bits; a tied pair is stored once."""
     from jishi.export.from_torch import model_config, numpy_weights, rotary
     from jishi.export.graph import QuantRecipe, build_decoder, save_model
     from jishi.runtime.engine import Engine, make_session
@@ -102,13 +105,17 @@ def test_quantized_graph_computes_with_exactly_its_quantized_weights(family, qua
     model = _torch_model(tiny_dirs[family])
     cfg = model_config(model.config, 128)
     inv_freq, scaling = rotary(model)
-    graph = build_decoder(cfg, numpy_weights(model), inv_freq, QuantRecipe(quant, accuracy_level=0), scaling)
+    graph = build_decoder(cfg, numpy_weights(model), inv_freq, QuantRecipe(quant, accuracy_level=0, head_bits=head_bits),
+                          scaling)
+    names = {t.name for t in graph.graph.initializer}
+    assert "lm_head.qweight" in names
+    assert ("model.embed_tokens.qweight" in names) == (not cfg.tie_word_embeddings)
     save_model(graph, tmp_path / "model.onnx")
     engine = Engine(make_session(tmp_path / "model.onnx", 1), cfg, 128)
 
     ids = list(range(5, 69))
     with torch.no_grad():
-        expected = _dequantized_reference(model, quant)(torch.tensor([ids])).logits[0].numpy()
+        expected = _dequantized_reference(model, quant, head_bits)(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(engine.feed(ids, all_logits=True), expected, atol=ATOL, rtol=0)
 
 
