@@ -12,7 +12,8 @@ second run (or a resume) reads them back. Only KL is trained on them: their
 tokens are the teacher's own, so cross-entropy on them adds nothing.
 
 Nothing here may overlap the held-out text (the first 20,000 characters of
-``pydoc_data.topics``): data files are checked for long passages of it.
+``pydoc_data.topics``): data files are checked for long passages of it, and the
+calibration text leaves out the lines it shares with it.
 """
 
 from __future__ import annotations
@@ -129,12 +130,11 @@ def read_documents(files, tokenizer) -> list[Document]:
 
 @functools.lru_cache(maxsize=1)
 def _heldout_probes(probe: int = 80) -> tuple[str, ...]:
-    """Passages of the held-out text that the calibration text does not also hold.
+    """Passages of the held-out text, less any the calibration text still holds.
 
-    pydoc_data.topics repeats itself (grammar rules, whole paragraphs shared by several
-    topics): about a third of the held-out text's 80-character passages also occur after
-    character 20,000. Those are in the project's calibration text by definition; the others
-    mark the held-out text itself.
+    The calibration text leaves out the lines it shares with the held-out text (see
+    ``jishi.heldout``), so this is every 80-character passage but boilerplate that
+    pydoc_data.topics repeats in pieces shorter than a line.
     """
     from jishi.heldout import calibration_text, heldout_text
 
@@ -148,7 +148,8 @@ def check_disjoint_from_heldout(text: str, where: str, allowed: int = 2) -> None
     hits = sum(1 for p in _heldout_probes() if p in text)
     if hits > allowed:
         raise JishiError(f"{where} contains the held-out evaluation text (pydoc_data.topics, first 20,000 "
-                         f"characters; {hits} passages of it); remove it, or use the text after character 20,000")
+                         f"characters; {hits} passages of it): remove those passages; the text jishi calibrates on, "
+                         f"jishi.heldout.calibration_text(), is free of them")
 
 
 def teacher_documents(loaded, count: int | None = None, max_new_tokens: int = 192, batch: int = 8,

@@ -152,7 +152,7 @@ def build(
                 "base_sha256": base_model.source_sha256,
                 **({"merged_adapter": merged} if merged else {}),
                 **({"distilled": distilled} if (distilled := _distill_record(base_model.source)) else {}),
-                **({"calibration": f"pydoc_data.topics after character 20000, {calibration_sequences} sequences "
+                **({"calibration": f"pydoc_data.topics after character 20000 less the lines the held-out text has, {calibration_sequences} sequences "
                                    f"of {min(256, context)} tokens"} if calibrated else {}),
                 "built_with": _versions(),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -225,6 +225,17 @@ def test_data_files_text_jsonl_and_the_heldout_check(teacher, tmp_path):
         read_documents([leak], tok)
 
 
+def test_the_calibration_text_holds_no_passage_of_the_heldout_text():
+    """pydoc_data.topics repeats paragraphs: the calibration text leaves the shared lines out."""
+    from jishi.heldout import HELDOUT_CHARS, _topics_text, calibration_text, heldout_text
+
+    held, calib, after = heldout_text(), calibration_text(), _topics_text()[HELDOUT_CHARS:]
+    passages = [held[i:i + 80] for i in range(0, len(held) - 80, 80)]
+    assert sum(p in after for p in passages) > 50  # the raw text after the held-out part repeats much of it
+    assert not [p for p in passages if p in calib]
+    assert len(calib) > 0.95 * len(after)
+
+
 # -- distillation --------------------------------------------------------------------------------------------
 
 def _student(teacher, layers=(0, 5)):
