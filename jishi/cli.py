@@ -228,13 +228,17 @@ def _parser() -> argparse.ArgumentParser:
 def _distill_options(parser, group, with_init: bool = True) -> dict:
     """The student's size, data and training options (shared by `distill` and `build --distill`);
     returns each option's default."""
+    dests = []
     size = group.add_mutually_exclusive_group()
-    size.add_argument("--layers", type=int, help="blocks the student keeps")
-    size.add_argument("--keep-ratio", type=float, help="fraction of the blocks the student keeps")
+
+    def add(*names, into=group, **kw):
+        dests.append(into.add_argument(*names, **kw).dest)
+
+    add("--layers", into=size, type=int, help="blocks the student keeps")
+    add("--keep-ratio", into=size, type=float, help="fraction of the blocks the student keeps")
     if with_init:
         size.add_argument("--init", metavar="STUDENT_DIR",
                           help="continue training a student written by jishi distill (e.g. --qat after plain distillation)")
-    add = group.add_argument
     add("--width-ratio", type=float, help="fraction of the MLP channels kept in every block (default all)")
     add("--head-ratio", type=float, help="fraction of the attention (query) heads kept in every block, the same "
         "number per key/value group (default all)")
@@ -262,10 +266,7 @@ def _distill_options(parser, group, with_init: bool = True) -> dict:
     add("--resume", action="store_true", help="continue from the checkpoint in the student's .work/ directory")
     add("--seed", type=int, default=0)
     add("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    names = ["layers", "keep_ratio", "width_ratio", "head_ratio", "select", "data", "generate", "generate_tokens", "steps", "batch_size",
-             "grad_accum", "seq_len", "lr", "temperature", "ce_weight", "hidden_weight", "teacher_topk", "bf16", "qat",
-             "eval_every", "checkpoint_every", "resume", "seed", "threads"]
-    return {n: parser.get_default(n) for n in names}
+    return {d: parser.get_default(d) for d in dests}
 
 
 def _build(args) -> int:
