@@ -7,7 +7,7 @@
 Run by hand, not in CI. Every stage writes its result under ``--work`` (default
 ``bench/work/distill``) and is skipped when that result exists, and training resumes
 from its last checkpoint, so an interrupted run (or a new session) continues where it
-stopped: run the same command again. ``--fresh STAGE`` forgets one stage.
+stopped: run the same command again. ``--fresh STAGE`` forgets a stage (or a pattern of them: ``--fresh 'speed-*'``).
 
 Stages, per student of N layers (blocks chosen by block influence on calibration text):
 ``prune-LN`` (the pruned student, untrained, saved and measured), ``distill-LN`` (KD
@@ -22,6 +22,7 @@ KL against training tokens) goes to ``bench/results/``.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import subprocess
@@ -46,7 +47,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=9, help="held-out windows of 512 (default all 9)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "distill"))
-    ap.add_argument("--fresh", action="append", default=[], metavar="STAGE", help="run this stage again")
+    ap.add_argument("--fresh", action="append", default=[], metavar="STAGE", help="run this stage again (a pattern: --fresh 'speed-*')")
     ap.add_argument("--quick", action="store_true", help="tiny settings that only check the stages run")
     args = ap.parse_args()
     if args.quick:
@@ -76,6 +77,7 @@ def main() -> None:
             speed = bench.stage(f"speed-{label}", lambda b=bundle: bench.speed(b))
             quality = bench.stage(f"quality-{label}", lambda b=bundle: bench.quality(b))
             rows.append({"model": name, "weights": q, **quality, **speed})
+    bench.stage("teacher-eval-nll", bench.teacher_eval_nll)
     bench.report(rows, students)
 
 
@@ -87,7 +89,7 @@ class Bench:
     # -- bookkeeping --------------------------------------------------------------------------------------
     def stage(self, name: str, fn):
         path = self.work / "state" / f"{name}.json"
-        if path.is_file() and name not in self.args.fresh:
+        if path.is_file() and not any(fnmatch.fnmatch(name, pattern) for pattern in self.args.fresh):
             return json.loads(path.read_text())
         print(f"== {name}", file=sys.stderr, flush=True)
         t0 = time.time()
@@ -218,6 +220,22 @@ class Bench:
                 "perplexity": round(r.perplexity, 3), "top1_agreement": round(r.top1_agreement, 4),
                 "kl": round(r.kl, 4), "windows": info["windows"]}
 
+    def teacher_eval_nll(self) -> dict:
+        """The teacher's NLL on the windows training measured the student on (for the gap curve)."""
+        import torch
+
+        from jishi.heldout import heldout_text, windows
+
+        wins = windows(self.teacher.runtime_tokenizer().encode(heldout_text(), bos=False), self.args.seq_len)[:4]
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for w in wins:
+                x = torch.tensor([w])
+                logits = self.teacher.model(input_ids=x, use_cache=False).logits[0, :-1].float()
+                nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+                count += len(w) - 1
+        return {"nll": nll / count, "windows": len(wins), "window": self.args.seq_len}
+
     # -- report -------------------------------------------------------------------------------------------
     def report(self, rows: list[dict], students: list[int]) -> None:
         results = ROOT / "bench" / "results"
@@ -248,6 +266,31 @@ class Bench:
             curves[f"L{n}"] = [(e["tokens"], e["kl"]) for e in d["evals"]]
             last = d["tokens"]
             curves[f"L{n} QAT"] = [(last + e["tokens"], e["kl"]) for e in q["evals"]]
+        import math
+
+        teacher_nll = json.loads((self.work / "state" / "teacher-eval-nll.json").read_text())["nll"]
+        by = {(r["model"], r["weights"]): r for r in rows}
+        for n in students:
+            d = json.loads((self.work / "state" / f"distill-L{n}.json").read_text())
+            p = json.loads((self.work / "state" / f"prune-L{n}.json").read_text())
+            lines += ["", f"L{n}: the NLL gap to the teacher as training goes on (4 held-out windows of "
+                          f"{self.args.seq_len}; teacher NLL {teacher_nll:.3f})", "",
+                      "| tokens | held-out KL | student NLL | gap closed |", "|---|---|---|---|"]
+            nll0 = d["evals"][0]["nll"]
+            for e in d["evals"]:
+                lines.append(f"| {e['tokens']:,} | {e['kl']:.3f} | {e['nll']:.3f} | "
+                             f"{100 * (nll0 - e['nll']) / (nll0 - teacher_nll):.0f}% |")
+            t32 = by.get(("teacher", "fp32"))
+            if t32:  # the same on the whole held-out text (9 windows of 512), from perplexities
+                closed = (math.log(p["perplexity"]) - math.log(d["perplexity"])) / (math.log(p["perplexity"]) - math.log(t32["perplexity"]))
+                lines.append(f"\nOn the whole held-out text: pruned {p['perplexity']:.2f} → distilled {d['perplexity']:.2f} "
+                             f"(teacher {t32['perplexity']:.2f}): {100 * closed:.0f}% of the NLL gap closed; "
+                             f"distilled ÷ teacher perplexity {d['perplexity'] / t32['perplexity']:.2f}x")
+            for model in ("teacher", f"L{n}"):
+                f32, rtn, gptq = by.get((model, "fp32")), by.get((model, "int4")), by.get((model, "int4-gptq"))
+                if f32 and rtn and gptq:
+                    lines.append(f"{model}: int4-GPTQ perplexity {100 * (gptq['perplexity'] / f32['perplexity'] - 1):+.1f}% "
+                                 f"of fp32, int4-RTN {100 * (rtn['perplexity'] / f32['perplexity'] - 1):+.1f}%")
         text = "\n".join(lines) + "\n"
         (results / f"distill{suffix}-{stamp}.md").write_text(text)
         (results / f"distill{suffix}-{stamp}.json").write_text(json.dumps({"rows": rows, "args": vars(self.args)}, indent=2))
