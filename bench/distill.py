@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--qat-lr", type=float, default=1e-3, help="QAT's learning rate (default 1e-3: its weights must "
+                    "move across 4-bit steps; 1e-4 left the 20-block student at held-out KL 1.21 after 40 steps)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training")
     ap.add_argument("--quants", default=",".join(QUANTS))
     ap.add_argument("--max-windows", type=int, default=9, help="held-out windows of 512 (default all 9)")
@@ -120,7 +122,7 @@ class Bench:
         from jishi.distill.kd import KDConfig
 
         a = self.args
-        return KDConfig(steps=steps, batch_size=a.batch_size, seq_len=a.seq_len, learning_rate=a.lr / (2 if qat else 1),
+        return KDConfig(steps=steps, batch_size=a.batch_size, seq_len=a.seq_len, learning_rate=a.qat_lr if qat else a.lr,
                         bf16=a.bf16, eval_every=max(1, steps // 10), checkpoint_every=max(1, min(25, steps // 5)),
                         eval_windows=4, qat_bits=4 if qat else None)
 

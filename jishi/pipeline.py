@@ -166,7 +166,7 @@ def build(
             if merged:
                 size = sum(f.size for f in manifest.files.values())
                 evaluation["merged"] = _compare_merged(base_model, quant, evaluation, size, context, quiet)
-            versus = _versus_teacher(staging, base_model, teacher, say)
+            versus = _versus_teacher(staging, base_model, teacher, say, quiet)
             if versus:
                 evaluation["teacher"] = versus
             manifest = replace(manifest, evaluation=evaluation)
@@ -290,7 +290,7 @@ def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: in
     }
 
 
-def _versus_teacher(bundle_dir: Path, base, teacher, say) -> dict | None:
+def _versus_teacher(bundle_dir: Path, base, teacher, say, quiet: bool) -> dict | None:
     """A student bundle's perplexity, top-1 agreement and KL against its teacher on the held-out text."""
     from jishi.distill.base import LoadedBase
     from jishi.evaluation import default_teacher, evaluate_models
@@ -304,7 +304,7 @@ def _versus_teacher(bundle_dir: Path, base, teacher, say) -> dict | None:
             return None
     say("Measuring it against the teacher…")
     loaded = teacher if isinstance(teacher, LoadedBase) else None
-    rows, info = evaluate_models([str(bundle_dir)], None if loaded else str(teacher), decode_tokens=0, quiet=True,
+    rows, info = evaluate_models([str(bundle_dir)], None if loaded else str(teacher), decode_tokens=0, quiet=quiet,
                                  teacher_loaded=loaded)
     r = rows[0]
     return {"name": loaded.name if loaded else Path(str(teacher)).name, "perplexity": round(info["teacher_perplexity"], 4),
