@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from jishi.errors import AdapterError, JishiError
+from jishi.runtime.store import swap_in
 
 TARGET_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
                   "down": "down_proj"}
@@ -269,9 +270,7 @@ def finetune(base, data: str | Path, output: str | Path, name: str | None = None
             "heldout": {"records": len(heldout), "loss_before": _r(before), "loss_after": _r(after)},
         }
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
+        swap_in(staging, output)  # an older one goes only once this is in place
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

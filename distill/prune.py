@@ -191,11 +191,6 @@ def width_importance(model, batches, mlp: bool = True, heads: bool = False) -> t
     return out[0], out[1]
 
 
-def mlp_channel_importance(model, batches) -> list:
-    """Per layer, a float tensor (intermediate size) of mean |input of down_proj| over tokens."""
-    return width_importance(model, batches, mlp=True)[0]
-
-
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from jishi.errors import JishiError
+from jishi.runtime.store import swap_in
 
 RECORD = "jishi_distill.json"
 
@@ -215,9 +216,7 @@ def save_student(student, loaded, output: Path, record: dict | None) -> Path:
         cfg_path.write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
         if record is not None:
             (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
+        swap_in(staging, output)  # an older one goes only once this is in place
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from jishi.errors import JishiError
 from jishi.runtime.bundle import sha256_of
 from jishi.runtime.manifest import FORMAT, MANIFEST, SIGNATURE, FileEntry, Manifest
-from jishi.runtime.store import fsync_dir, fsync_tree
+from jishi.runtime.store import swap_in
 
 
 def staging_dir(target: Path) -> Path:
@@ -61,19 +60,5 @@ def check_target(target: Path) -> None:
 
 def publish(staging: Path, target: Path) -> None:
     """Swap the staged bundle in under ``target``; an older bundle there is removed only after."""
-    target = Path(target)
     check_target(target)
-    fsync_tree(staging)
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    fsync_dir(target.parent)  # the rename survives a power cut
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_in(staging, target)

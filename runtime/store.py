@@ -249,6 +249,26 @@ def fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def swap_in(staging: Path, target: Path) -> None:
+    """Put the staged directory ``staging`` under ``target`` durably; a directory already there is
+    removed only once the new one is in place, so an interruption leaves one or the other whole."""
+    target = Path(target)
+    fsync_tree(staging)
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    fsync_dir(target.parent)  # the rename survives a power cut
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def remove(name: str, prefix=None) -> Path:
     path = installed_path(name, prefix)
     if path is None:
