@@ -21,7 +21,7 @@ PLATFORMS = {
 
 
 def _source_root() -> Path:
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]  # src/jishi/wheelhouse.py in a checkout
     if (here / "pyproject.toml").is_file() and (here / "runtime").is_dir():
         return here
     raise JishiError("jishi wheelhouse needs jishi's source checkout (it builds jishi's own wheel from it); "
