@@ -27,8 +27,9 @@ def test_wheel_holds_every_module_under_jishi_and_imports_from_it(tmp_path):
     wheel = next(tmp_path.glob("jishi-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder, package in (("runtime", "runtime"), ("export", "export"), ("distill", "distill"), ("devices", "devices"), ("src/jishi", None)):
-        for py in (ROOT / folder).glob("*.py"):
-            inside = f"jishi/{package}/{py.name}" if package else f"jishi/{py.name}"
+        for py in (ROOT / folder).rglob("*.py"):
+            rel = py.relative_to(ROOT / folder).as_posix()
+            inside = f"jishi/{package}/{rel}" if package else f"jishi/{rel}"
             assert inside in names, f"{inside} missing from the wheel"
     assert not any(n.startswith(("tests/", "bench/", "runtime/")) for n in names)
     site = tmp_path / "site"
