@@ -18,11 +18,14 @@ import os
 import sys
 
 from jishi import __version__
-from jishi.errors import JishiError
+from jishi.errors import JishiError, MissingExtraError
 
 from . import adapter, delivery, devices, generate, info, make, serve
 
 GROUPS = (make, generate, serve, adapter, delivery, devices, info)
+# A command that reaches a package of an extra that is not installed says which extra to install.
+EXTRA_OF = {name: "build" for name in ("torch", "transformers", "onnx", "optimum", "peft", "accelerate", "gguf",
+                                       "safetensors", "sentencepiece")} | {"starlette": "serve", "uvicorn": "serve"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args) or 0
+        try:
+            return args.func(args) or 0
+        except ModuleNotFoundError as e:
+            extra = EXTRA_OF.get((e.name or "").split(".")[0])
+            if extra is None:
+                raise
+            given = argv if argv is not None else sys.argv[1:]
+            command = next((a for a in given if not a.startswith("-")), "")
+            raise MissingExtraError(extra, f"`jishi {command}` ({e.name})") from None
     except JishiError as e:
         if args.debug:
             raise
