@@ -199,10 +199,23 @@ def from_grid(codes: np.ndarray, scale: np.ndarray, lo: np.ndarray, bits: int, b
         raise ValueError("codes, scales and minima do not describe one block grid")
     scale = np.asarray(scale, dtype=np.float32)
     lo = np.asarray(lo, dtype=np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    safe = np.where(scale != 0, scale, 1.0).astype(np.float32)
     zp_float = -lo / safe
     zp = np.clip(np.rint(zp_float), 0, qmax)
     correction = (scale * (zp - zp_float)).astype(np.float32)
-    correction = np.where(scale > 0, correction, lo).T.copy()
+    correction = np.where(scale != 0, correction, lo).T.copy()
     return QuantizedWeight(bits=bits, block=block, n=n, k=k, packed=pack(codes, bits, block), scales=scale,
                            zero_points=pack_zero_points(zp.astype(np.uint8), bits), correction=correction)
+
+
+def from_codes(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int, block: int) -> QuantizedWeight:
+    """MatMulNBits form of weights on a grid with an *integer* zero point ``w = scale·(q − zp)``: exact,
+    no correction (Q4_0, Q8_0, Q6_K and the other GGUF types whose offset is a fixed code)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    n, k = codes.shape
+    zero_point = np.broadcast_to(np.asarray(zero_point, dtype=np.uint8), (n, k // block))
+    if k % block or scale.shape != (n, k // block) or codes.max(initial=0) > (1 << bits) - 1:
+        raise ValueError("codes, scales and zero points do not describe one block grid")
+    return QuantizedWeight(bits=bits, block=block, n=n, k=k, packed=pack(codes, bits, block),
+                           scales=np.asarray(scale, dtype=np.float32),
+                           zero_points=pack_zero_points(np.ascontiguousarray(zero_point), bits), correction=None)
