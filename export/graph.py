@@ -36,7 +36,7 @@ from jishi.export.quant import (QuantizedWeight, concat_outputs, quantize_asymme
                                unpack_zero_points)
 from jishi.runtime.manifest import ModelConfig
 
-QUANTS = ("int4", "int8", "fp16", "fp32")
+QUANTS = ("gguf", "int4", "int8", "fp16", "fp32")  # gguf: every tensor on its own GGUF grid (gguf_formats)
 OPSET = 21
 MS = "com.microsoft"
 
@@ -45,8 +45,8 @@ MS = "com.microsoft"
 class QuantRecipe:
     """How each kind of weight is stored; recorded in the manifest."""
 
-    name: str  # int4 | int8 | fp16 | fp32
-    block: int = 32
+    name: str  # gguf | int4 | int8 | fp16 | fp32
+    block: int = 32  # gguf: the block of the zero-point corrections' side path (the smallest corrected block)
     accuracy_level: int = 4  # MatMulNBits: int8 activations (fastest on CPU)
     zero_point_correction: bool = True  # int4: keep float block minima exactly
     merge_points: bool = False  # LoRA inputs on every fused projection (see _Linear)
@@ -55,6 +55,8 @@ class QuantRecipe:
 
     def as_dict(self) -> dict:
         d = {"name": self.name}
+        if self.name == "gguf":
+            d.update(block=self.block, accuracy_level=self.accuracy_level, zero_point_correction=self.zero_point_correction)
         if self.name in ("int4", "int8"):
             head = f"int{self.head_bits}"
             d.update(block=self.block, accuracy_level=self.accuracy_level, lm_head=head, embedding=head)
@@ -113,7 +115,9 @@ class _Linear:
         g, r = self.g, self.recipe
         w = np.concatenate(weights, axis=0) if len(weights) > 1 else weights[0]
         n, k = w.shape
-        if r.name in ("fp32", "fp16"):
+        if r.name == "gguf":
+            y, side = self._from_grids(x, [self.prequantized[key] for key in keys], name)
+        elif r.name in ("fp32", "fp16"):
             wt = np.ascontiguousarray(w.T)
             if r.name == "fp16":
                 wname = g.init(f"{name}.weight", wt.astype(np.float16))
@@ -153,6 +157,44 @@ class _Linear:
             b_name = g.init(f"{name}.zp_correction", b)
         low = g.op("MatMul", [x, a_name], name=f"{name}/side_a")
         return g.op("Gemm", [low, b_name, y], name=f"{name}/side_b")
+
+    def _from_grids(self, x: str, parts: list, name: str):
+        """y for weights that arrive ready (a GGUF's own grids: ``QuantizedWeight`` or float arrays), and the
+        side path of their zero-point corrections. Parts that share a form are fused into one MatMulNBits;
+        different forms (q in Q4_K, v in Q6_K) get one op each and their outputs are concatenated."""
+        g, r = self.g, self.recipe
+        groups: list[list] = []
+        for p in parts:
+            form = (p.bits, p.block) if isinstance(p, QuantizedWeight) else ("float", p.dtype)
+            if groups and groups[-1][0] == form:
+                groups[-1][1].append(p)
+            else:
+                groups.append([form, [p]])
+        outs = []
+        for i, (form, members) in enumerate(groups):
+            part = name if len(groups) == 1 else f"{name}.part{i}"
+            if form[0] == "float":
+                w = np.concatenate(members, axis=0) if len(members) > 1 else members[0]
+                wname = g.init(f"{part}.weight", np.ascontiguousarray(w.T))
+                if w.dtype == np.float16:
+                    wname = g.op("Cast", [wname], to=TensorProto.FLOAT, name=f"{part}/cast")
+                outs.append(g.op("MatMul", [x, wname], name=f"{part}/matmul"))
+            else:
+                outs.append(self._matmul_nbits(x, concat_outputs(members) if len(members) > 1 else members[0], part))
+        y = outs[0] if len(outs) == 1 else g.op("Concat", outs, axis=-1, name=f"{name}/concat")
+        if not r.zero_point_correction:
+            return y, None
+        k = parts[0].shape[1] if not isinstance(parts[0], QuantizedWeight) else parts[0].k
+        deltas = []
+        for p in parts:
+            rows = p.shape[0] if not isinstance(p, QuantizedWeight) else p.n
+            if isinstance(p, QuantizedWeight) and p.correction is not None:
+                if p.block % r.block:
+                    raise ValueError(f"{name}: a block of {p.block} cannot be corrected in blocks of {r.block}")
+                deltas.append(np.repeat(p.correction, p.block // r.block, axis=0))  # the same shift on each sub-block
+            else:
+                deltas.append(np.zeros((k // r.block, rows), np.float32))
+        return y, (block_sum_matrix(k, r.block), np.concatenate(deltas, axis=1))
 
     def _matmul_nbits(self, x: str, qw: QuantizedWeight, name: str) -> str:
         g, r = self.g, self.recipe
@@ -219,7 +261,14 @@ def build_decoder(
     # The layers work on token rows (batch·seq × hidden): 2-D lets each zero-point
     # correction be one Gemm. Attention alone needs (batch, seq, features).
     head_codes = None
-    if recipe.name in ("int4", "int8"):
+    if recipe.name == "gguf":
+        head_codes = _ready_table(prequantized or {}, "model.embed_tokens.weight")
+        ready = (prequantized or {}).get("model.embed_tokens.weight")
+        if head_codes is None and isinstance(ready, QuantizedWeight):
+            raise ValueError("the embedding's grid needs a zero-point correction; re-quantize it before the graph")
+        if head_codes is None and ready is not None:
+            embed = ready  # a float table, kept in its own precision
+    elif recipe.name in ("int4", "int8"):
         head_codes = (quantize_symmetric_int8(embed, recipe.block) if recipe.head_bits == 8
                       else quantize_asymmetric(embed, 4, recipe.block, correct=False))
     rows = g.op("Reshape", [_embedding(g, recipe, embed, head_codes, cfg.tie_word_embeddings),
@@ -274,7 +323,10 @@ def build_decoder(
 
     normed, _ = _skip_norm(g, x, residual, g.init("model.norm.weight", weights["model.norm.weight"].astype(np.float32)), cfg, "final_norm")
     picked = g.op("Gather", [normed, "logits_index"], axis=0, name="pick_rows")
-    _lm_head(g, recipe, picked, lm_head, tied=cfg.tie_word_embeddings, tied_codes=head_codes)
+    head_ready = None
+    if recipe.name == "gguf" and not cfg.tie_word_embeddings:
+        head_ready = (prequantized or {}).get("lm_head.weight")
+    _lm_head(g, recipe, picked, lm_head, tied=cfg.tie_word_embeddings, tied_codes=head_codes, ready=head_ready)
 
     unused = sorted(k for k in set(weights) - weights.used if not k.endswith("rotary_emb.inv_freq")
                     and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
@@ -307,11 +359,26 @@ def _skip_norm(g: _Graph, x: str, residual: str, gamma: str, cfg: ModelConfig, n
     return out[0], out[3]
 
 
+def _ready_table(prequantized: Mapping, key: str) -> QuantizedWeight | None:
+    """The embedding's own grid when GatherBlockQuantized can read it (integer zero points, no correction)."""
+    qw = prequantized.get(key)
+    if isinstance(qw, QuantizedWeight) and qw.correction is None:
+        return qw
+    return None
+
+
+def _float_dtype(recipe: QuantRecipe, table: np.ndarray):
+    if recipe.name == "gguf":
+        return np.float16 if table.dtype == np.float16 else np.float32
+    return np.float16 if recipe.name == "fp16" else np.float32
+
+
 def _embedding(g: _Graph, recipe: QuantRecipe, embed: np.ndarray, codes: QuantizedWeight | None, tied: bool) -> str:
     if codes is None:
-        table = g.init("model.embed_tokens.weight", embed.astype(np.float16 if recipe.name == "fp16" else np.float32))
+        half = _float_dtype(recipe, embed) == np.float16
+        table = g.init("model.embed_tokens.weight", embed.astype(np.float16 if half else np.float32))
         rows = g.op("Gather", [table, "input_ids"], axis=0, name="embed")
-        return g.op("Cast", [rows], to=TensorProto.FLOAT, name="embed/cast") if recipe.name == "fp16" else rows
+        return g.op("Cast", [rows], to=TensorProto.FLOAT, name="embed/cast") if half else rows
     # The codes in MatMulNBits' layout (vocab, blocks, bytes per block), which GatherBlockQuantized reads
     # along its last axis: a tied LM head then uses the very same initializer, one copy of the largest tensor.
     vocab, nb = codes.n, codes.k // codes.block
@@ -326,23 +393,34 @@ def _embedding(g: _Graph, recipe: QuantRecipe, embed: np.ndarray, codes: Quantiz
 
 
 def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: bool,
-             tied_codes: QuantizedWeight | None = None) -> None:
-    if recipe.name in ("fp32", "fp16"):
+             tied_codes: QuantizedWeight | None = None, ready=None) -> None:
+    """``ready``: an untied head's own grid (gguf), a QuantizedWeight or a float array."""
+    if recipe.name == "gguf" and not tied and isinstance(ready, np.ndarray):
+        weight = ready
+    floats = (recipe.name in ("fp32", "fp16") or (recipe.name == "gguf" and (
+        tied_codes is None if tied else not isinstance(ready, QuantizedWeight))))
+    if floats:
+        half = (_float_dtype(recipe, weight) == np.float16) if recipe.name == "gguf" else recipe.name == "fp16"
         if tied:
             # Gemm with transB reads the embedding table as it is: one copy of the largest tensor.
             table = "model.embed_tokens.weight"
-            if recipe.name == "fp16":
+            if half:
                 table = g.op("Cast", [table], to=TensorProto.FLOAT, name="lm_head/cast")
             g.op("Gemm", [x, table], transB=1, name="lm_head/gemm", outputs=["logits"])
             return
         wt = np.ascontiguousarray(weight.T)
-        w = g.init("lm_head.weight", wt.astype(np.float16 if recipe.name == "fp16" else np.float32))
-        if recipe.name == "fp16":
+        w = g.init("lm_head.weight", wt.astype(np.float16 if half else np.float32))
+        if half:
             w = g.op("Cast", [w], to=TensorProto.FLOAT, name="lm_head/cast")
         g.op("MatMul", [x, w], name="lm_head/matmul", outputs=["logits"])
         return
     if tied:
         qw, packed = tied_codes, "lm_head.qweight"  # written by _embedding
+    elif isinstance(ready, QuantizedWeight):
+        qw = ready
+        if qw.correction is not None:
+            raise ValueError("the LM head's grid needs a zero-point correction; re-quantize it before the graph")
+        packed = g.init("lm_head.qweight", qw.packed)
     else:
         qw = (quantize_symmetric_int8(weight, recipe.block) if recipe.head_bits == 8
               else quantize_asymmetric(weight, 4, recipe.block, correct=False))

@@ -1,0 +1,116 @@
+"""GGUF grids kept exactly: files whose blocks the test wrote, read back bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+
+from gguf_files import ENCODERS, write_tiny_gguf  # noqa: E402
+
+from jishi.export.quant import QuantizedWeight, unpack, unpack_zero_points  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-mixed.gguf"
+    return path, write_tiny_gguf(path, tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_gguf):
+    from jishi.distill.base import load_base
+
+    return load_base(str(tiny_gguf[0]))
+
+
+@pytest.fixture(scope="module")
+def plan(tiny_gguf, loaded):
+    from jishi.distill.gguf_tensors import read_raw
+    from jishi.export.from_gguf import grid_weights
+    from jishi.export.from_torch import numpy_weights
+
+    weights = numpy_weights(loaded.model)
+    return grid_weights(read_raw(tiny_gguf[0], loaded.model), weights), weights
+
+
+def _hf_name(gguf_name: str) -> str:
+    parts = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    _, layer, part, _ = gguf_name.split(".")
+    return f"model.layers.{layer}.{parts[part]}.weight"
+
+
+def _row_order(written: np.ndarray, loaded: np.ndarray) -> np.ndarray:
+    """Which written row each loaded row is (transformers permutes Llama's q/k rows)."""
+    index = {row.tobytes(): i for i, row in enumerate(written)}
+    return np.array([index[row.tobytes()] for row in loaded])
+
+
+def test_every_type_reads_back_the_codes_scales_and_minimums_written(tiny_gguf, plan):
+    path, blocks = tiny_gguf
+    grids, weights = plan
+    assert not grids.requantized and not grids.notes
+    seen = set()
+    for gname, b in blocks.items():
+        name = _hf_name(gname)
+        qw = grids.weights[name]
+        assert isinstance(qw, QuantizedWeight)
+        kind = b.kind
+        seen.add(kind)
+        written = gguf.quants.dequantize(b.raw, gguf.GGMLQuantizationType[kind])
+        order = _row_order(written, weights[name])
+        nb = qw.k // qw.block
+        assert qw.block == b.block
+        np.testing.assert_array_equal(unpack(qw.packed, qw.bits, qw.n, qw.k), b.codes[order])
+        np.testing.assert_array_equal(qw.scales, b.scales[order])
+        zp = unpack_zero_points(qw.zero_points, qw.bits, qw.n, nb).astype(np.float32)
+        if b.zero_point is not None:
+            assert qw.correction is None
+            assert (zp == b.zero_point).all()
+        else:  # the minimum, as the rounded zero point plus the correction carry it: to float32 rounding
+            ulp = np.finfo(np.float32).eps * float(np.abs(b.minimum).max())
+            np.testing.assert_allclose(qw.correction.T - zp * qw.scales, b.minimum[order], rtol=0, atol=2 * ulp)
+        np.testing.assert_allclose(qw.dequantize(), written[order], rtol=0, atol=1e-6)
+    assert seen == set(ENCODERS)
+
+
+def test_bundle_holds_the_grids_and_computes_the_dequantized_model(tiny_gguf, loaded, plan, tmp_path):
+    """Default quant of a GGUF base is its own grids; at accuracy level 0 the bundle's logits are
+    PyTorch's on the dequantized weights at every position; the graph's initializers are the blocks."""
+    import onnx
+
+    from jishi.pipeline import build
+    from jishi.runtime.model import load
+
+    grids, _ = plan
+    out = build(loaded, None, tmp_path / "b", context=128, evaluate=False, quiet=True, accuracy_level=0)
+    model = load(out)
+    q = model.manifest.graph.quantization
+    assert q["name"] == "gguf" and q["block"] == 32 and q["zero_point_correction"] is True
+    assert q["formats"]["self_attn.v_proj"] == {"Q6_K": 1, "Q5_K": 1}
+    assert q["forms"]["Q6_K"] == "int8 block 16 (6-bit codes), zero point 32"
+
+    ids = [int(i) for i in np.random.default_rng(3).integers(3, 380, 90)]
+    with torch.no_grad():
+        expected = loaded.model(torch.tensor([ids])).logits[0].numpy()
+    got = model.engine.feed(ids, all_logits=True)
+    scale = float(np.abs(expected).max())
+    assert 1.0 < scale < 100.0  # logits of a realistic size
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * scale)
+
+    graph = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    # layer 0: q and k share Q4_K (one MatMulNBits), v is Q6_K (another); layer 1: q, k, v all Q5_K (one)
+    qk = grids.weights["model.layers.0.self_attn.q_proj.weight"], grids.weights["model.layers.0.self_attn.k_proj.weight"]
+    np.testing.assert_array_equal(inits["layer0.attn.qkv.part0.qweight"], np.concatenate([w.packed for w in qk]))
+    np.testing.assert_array_equal(inits["layer0.attn.qkv.part1.qweight"],
+                                  grids.weights["model.layers.0.self_attn.v_proj.weight"].packed)
+    np.testing.assert_array_equal(inits["layer1.mlp.down.scales"],
+                                  grids.weights["model.layers.1.mlp.down_proj.weight"].scales.reshape(-1))
+    np.testing.assert_array_equal(inits["lm_head.qweight"], grids.weights["model.embed_tokens.weight"].packed)
