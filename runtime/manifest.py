@@ -98,6 +98,9 @@ class Manifest:
                 f"bundle format version {version!r} is not supported by this jishi (it reads version "
                 f"{FORMAT_VERSION}); upgrade jishi or rebuild the bundle with this version"
             )
+        from jishi.runtime.manifest_schema import check_manifest_body
+
+        check_manifest_body(body)
         try:
             return cls(
                 name=_typed(body, "name", str),
