@@ -59,19 +59,15 @@ def check_tensor_types(path: Path, reader=None) -> dict[str, int]:
     from gguf import GGMLQuantizationType
     from gguf.quants import _type_traits  # the types gguf can dequantize in numpy
 
-    from jishi.export.gguf_formats import FORMATS
-
     reader = reader or open_reader(path)
     counts: dict[str, int] = {}
     for t in reader.tensors:
         kind = GGMLQuantizationType(t.tensor_type)
-        if kind.name not in FORMATS and kind not in _type_traits:
-            readable = ", ".join(FORMATS)
+        if kind not in _type_traits and kind.name not in ("F32", "F16"):
             raise BaseModelError(
-                f"{path}: tensor {t.name} is of type {kind.name}, which jishi cannot read (it reads {readable} "
-                "exactly, and re-quantizes the other types gguf can dequantize); convert the model to one of "
-                "those types, e.g. `llama-quantize --allow-requantize IN.gguf OUT.gguf Q4_K_M`, or use its "
-                "F16 / safetensors original")
+                f"{path}: tensor {t.name} is of type {kind.name}, which jishi cannot read (the gguf package has no "
+                "decoder for it); convert the model to a common type, e.g. `llama-quantize --allow-requantize "
+                "IN.gguf OUT.gguf Q4_K_M`, or use its F16 / safetensors original")
         counts[kind.name] = counts.get(kind.name, 0) + 1
     return counts
 

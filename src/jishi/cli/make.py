@@ -13,8 +13,10 @@ from .common import key_values, named_dir
 def register(sub) -> None:
     b = sub.add_parser("build", help="export a base model to a bundle")
     b.add_argument("--base", help="known base name (default smollm2-135m-instruct), a GGUF file or a Hugging Face directory")
-    b.add_argument("--quant", choices=["int4", "int4-gptq", "int8", "fp16", "fp32"],
-                   help="weight format (default int4, or the plan's choice with --device); int4-gptq is int4 --calibrated")
+    b.add_argument("--quant", choices=["gguf", "int4", "int4-gptq", "int8", "fp16", "fp32"],
+                   help="weight format (default: gguf for a GGUF base, which keeps every tensor on the file's own grid, "
+                        "4- or 8-bit; int4 otherwise; or the plan's choice with --device); int4 on a GGUF base keeps its "
+                        "4-bit blocks and re-quantizes the rest; int4-gptq is int4 --calibrated")
     b.add_argument("--calibrated", action="store_true",
                    help="int4 codes by GPTQ on calibration text instead of round-to-nearest (for weights off any 4-bit "
                         "grid: students, fine-tuned models; the default base keeps its own grid exactly without it)")
@@ -135,7 +137,7 @@ def build(args) -> int:
     calibrated = args.calibrated or args.quant == "int4-gptq"
     if args.quant == "int4-gptq":
         args.quant = "int4"
-    quant = args.quant or "int4"
+    quant = args.quant  # None: the pipeline's default for this base (gguf for a GGUF file, else int4)
     if args.device:
         profile = profile_for(args.device)
         shape = model_shape(args.base or "smollm2-135m-instruct")
@@ -156,10 +158,11 @@ def build(args) -> int:
             raise JishiError("a merged bundle has no merge points, so it takes no other adapters: build it with "
                              "--adapter NAME=DIR --merge NAME only")
         adapters = []
-    if calibrated and quant != "int4":
+    if calibrated and quant not in ("int4", None):
         raise JishiError(f"--calibrated applies to int4 only, not {quant}")
     base, teacher = args.base, None
     if args.distill:
+        quant = quant or "int4"
         base, teacher, calibrated = distill_for_build(args, quant, calibrated)
         if base is None:  # another process of a torchrun: rank 0 builds
             return 0
