@@ -76,6 +76,7 @@ class LoadedBase:
     source: str  # path it was loaded from
     source_sha256: str | None
     reference_stats: dict = field(default_factory=dict)  # held-out figures of this model, by window shape
+    license: str | None = None  # the base's licence: a known base's, else what a GGUF's metadata says
 
     def tokenizer_info(self, file: str = "tokenizer.json"):
         """The bundle manifest's tokenizer entry for this base."""
@@ -242,6 +243,9 @@ def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
 
     transformers.logging.set_verbosity_error()
     if path.is_file():
+        from jishi.distill.gguf_tensors import check_file
+
+        check_file(path)  # truncated, unreadable types, metadata that contradicts the weights: say so first
         kw = {"gguf_file": path.name}
         where = path.parent
         digest = sha256_file(path)
@@ -282,7 +286,16 @@ def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
         eos_token_ids=eos_ids,
         source=str(path),
         source_sha256=digest,
+        license=KNOWN_BASES[name].license if name in KNOWN_BASES else (_gguf_license(path) if path.is_file() else None),
     )
+
+
+def _gguf_license(path: Path) -> str | None:
+    """``general.license`` of a GGUF file, if it says."""
+    from jishi.distill.gguf_tensors import open_reader
+
+    f = open_reader(path).fields.get("general.license")
+    return bytes(f.parts[f.data[0]]).decode("utf-8", "replace") if f is not None and f.data else None
 
 
 def _gguf_special_tokens(path: Path) -> tuple[bool, list[int]]:

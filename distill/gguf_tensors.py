@@ -38,12 +38,17 @@ def open_reader(path: Path):
     from gguf import GGUFReader
 
     path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise BaseModelError(f"cannot read the model configuration from {path}: it is not a GGUF file (it does not "
+                             "start with 'GGUF'); pass a GGUF file or a Hugging Face model directory")
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, KeyError, struct errors for a damaged file
         raise BaseModelError(
-            f"{path} cannot be read as a GGUF file ({type(e).__name__}: {e}); it is damaged, truncated or not "
-            "a GGUF: download or convert it again") from None
+            f"{path} is truncated or damaged (gguf's reader: {type(e).__name__}: {e}); download it again (and "
+            "check its sha256) or convert it again") from None
     size = path.stat().st_size
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
@@ -117,3 +122,56 @@ def read_raw(path: Path, model, names: set[str] | None = None) -> dict[str, RawT
         values, size = GGML_QUANT_SIZES[kind]
         out[hf] = RawTensor(t.name, kind.name, n, k, data, 8 * size / values)
     return out
+
+
+def _meta(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None or not f.data:
+        return None
+    v = f.parts[f.data[0]]
+    return bytes(v).decode("utf-8", "replace") if f.types and f.types[0].name == "STRING" else v[0]
+
+
+def check_shapes(path: Path, reader=None) -> None:
+    """The file's hyperparameters against its own weights' shapes: a clear error naming the field
+    that contradicts them (before transformers fails on a size mismatch)."""
+    reader = reader or open_reader(path)
+    arch = _meta(reader, "general.architecture")
+    if arch is None:
+        raise BaseModelError(f"{path} has no general.architecture: it is not a model GGUF (a vision projector or "
+                             "an adapter?); pass the language model's own GGUF")
+    shapes = {t.name: [int(v) for v in t.shape] for t in reader.tensors}  # [k, n]: input size first
+
+    def want(field: str, claimed, tensor: str, axis: int, found_as: str, times: int = 1):
+        if claimed is None or tensor not in shapes:
+            return
+        found = shapes[tensor][axis] if axis < len(shapes[tensor]) else 1
+        if int(claimed) * times != found:
+            raise BaseModelError(
+                f"{path}: {arch}.{field} is {int(claimed)} but {tensor} has {found} {found_as}; the file's metadata "
+                "contradicts its weights: convert the model again (or fix the field with gguf's gguf_set_metadata)")
+
+    hidden = _meta(reader, f"{arch}.embedding_length")
+    heads = _meta(reader, f"{arch}.attention.head_count")
+    kv = _meta(reader, f"{arch}.attention.head_count_kv") or heads
+    head_dim = _meta(reader, f"{arch}.attention.key_length") or (int(hidden) // int(heads) if hidden and heads else None)
+    want("embedding_length", hidden, "token_embd.weight", 0, "values per row")
+    want("feed_forward_length", _meta(reader, f"{arch}.feed_forward_length"), "blk.0.ffn_gate.weight", 1, "rows")
+    if head_dim:
+        want("attention.head_count", heads, "blk.0.attn_q.weight", 1, f"rows (heads of {head_dim})", int(head_dim))
+        want("attention.head_count_kv", kv, "blk.0.attn_k.weight", 1, f"rows (heads of {head_dim})", int(head_dim))
+    vocab = _meta(reader, f"{arch}.vocab_size")
+    want("vocab_size", vocab, "token_embd.weight", 1, "rows")
+    layers = _meta(reader, f"{arch}.block_count")
+    found = {int(n.split(".")[1]) for n in shapes if n.startswith("blk.")}
+    if layers is not None and found != set(range(int(layers))):
+        raise BaseModelError(f"{path}: {arch}.block_count is {int(layers)} but the file has weights for "
+                             f"{len(found)} blocks; convert the model again")
+
+
+def check_file(path: Path) -> dict[str, int]:
+    """Everything jishi checks in a GGUF before loading it; returns its tensor types and counts."""
+    reader = open_reader(path)
+    counts = check_tensor_types(path, reader)
+    check_shapes(path, reader)
+    return counts

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -95,10 +95,15 @@ def check_fits(bundle: Bundle, context: int) -> None:
 
 class Model:
     def __init__(self, bundle: Bundle, threads: int | None = None, context: int | None = None, force: bool = False,
-                 adapters: bool = False):
+                 adapters: bool = False, chat_template: str | None = None):
         """``adapters=True`` opens the graph with merge points straight away (a server that will
-        switch adapters); otherwise it is opened the first time an adapter is used."""
+        switch adapters); otherwise it is opened the first time an adapter is used. ``chat_template``
+        (Jinja text) replaces the bundle's own, or gives one to a bundle that has none."""
         m = bundle.manifest
+        if chat_template is not None:
+            if not isinstance(chat_template, str) or not chat_template.strip():
+                raise BundleError("chat_template must be the template's text (a non-empty string)")
+            m = replace(m, tokenizer=replace(m.tokenizer, chat_template=chat_template))
         self.bundle = bundle
         self.manifest = m
         self.name = m.name
@@ -303,5 +308,6 @@ class Model:
 
 
 def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False,
-         adapters: bool = False) -> Model:
-    return Model(open_bundle(resolve_bundle(bundle)), threads=threads, context=context, force=force, adapters=adapters)
+         adapters: bool = False, chat_template: str | None = None) -> Model:
+    return Model(open_bundle(resolve_bundle(bundle)), threads=threads, context=context, force=force, adapters=adapters,
+                 chat_template=chat_template)

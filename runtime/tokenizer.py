@@ -14,6 +14,9 @@ from jishi.errors import BundleError, JishiError
 from jishi.runtime.manifest import TokenizerInfo
 
 
+NO_TEMPLATE = ('this bundle has no chat template (its base is a pretrained model, not a chat model): send plain prompts (`jishi run --raw`, generate()), or give a template: `jishi build --chat-template FILE`, `jishi chat/serve --chat-template FILE`, or jishi.load(..., chat_template=TEXT)')
+
+
 class Tokenizer:
     """The bundle's tokenizer: encoding adds BOS only where the model was trained with it."""
 
@@ -64,7 +67,7 @@ class Tokenizer:
         of its special tokens the template wrote, so that ``encode`` does not turn text such as
         "<|im_end|>" typed in a message into a control token."""
         if self._template is None:
-            raise JishiError("this bundle has no chat template; use generate() with a plain prompt")
+            raise JishiError(NO_TEMPLATE)
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")

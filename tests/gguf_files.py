@@ -122,8 +122,10 @@ LAYER_TYPES = [
 
 
 def write_tiny_gguf(path: Path, tokenizer, seed: int = 0, embedding: str = "Q8_0", layer_types=LAYER_TYPES,
-                    raw_override: dict | None = None) -> dict[str, Blocks]:
-    """A two-layer tied Llama GGUF at ``path`` with the tokenizer; returns each tensor's Blocks by GGUF name."""
+                    raw_override: dict | None = None, license: str | None = None,
+                    head_count_kv: int = KV_HEADS) -> dict[str, Blocks]:
+    """A two-layer tied Llama GGUF at ``path`` with the tokenizer; returns each tensor's Blocks by GGUF name.
+    ``head_count_kv`` is what the metadata claims (the weights always have KV_HEADS)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -137,7 +139,9 @@ def write_tiny_gguf(path: Path, tokenizer, seed: int = 0, embedding: str = "Q8_0
     w.add_block_count(LAYERS)
     w.add_feed_forward_length(INTER)
     w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
+    w.add_head_count_kv(head_count_kv)
+    if license:
+        w.add_license(license)
     w.add_rope_dimension_count(HIDDEN // HEADS)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)

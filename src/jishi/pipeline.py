@@ -36,6 +36,7 @@ def build(
     calibration_sequences: int = 16,
     teacher=None,
     head_bits: int = 8,
+    chat_template: str | None = None,
 ) -> Path:
     """Build a bundle from a base model; returns its directory.
 
@@ -45,7 +46,8 @@ def build(
     grid, 4- or 8-bit, see ``jishi.export.gguf_formats``) and to ``int4`` otherwise. ``calibrated`` (int4 only) finds the int4 codes with GPTQ on
     calibration text (the part of pydoc_data.topics after the held-out text) instead of
     rounding to nearest; ``block`` is the int4/int8 block size; ``head_bits`` (8 or 4) the
-    embedding table's and LM head's. ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
+    embedding table's and LM head's. ``chat_template`` (Jinja text) is stored in the bundle in place of the
+    base's own (a pretrained base such as Gemma 3 270M has none). ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
     the weights before quantization: a bundle for one task, with no merge points; its
     evaluation compares int4 and int8 of the merged weights and recommends one.
 
@@ -99,6 +101,9 @@ def build(
         raise JishiError("a merged adapter moves the weights off the GGUF's grids: build it with --quant int4 or int8")
     if quant == "gguf" and head_bits != 8:
         raise JishiError("--head applies to int4 and int8 bundles; --quant gguf keeps the file's own embedding grid")
+    tokenizer_info = base_model.tokenizer_info()
+    if chat_template is not None:
+        tokenizer_info = _with_template(base_model, tokenizer_info, chat_template)
     cfg = model_config(base_model.model.config, context)
     if quant in ("int4", "int8"):
         for what, size in (("hidden size", cfg.hidden_size), ("MLP size", cfg.intermediate_size),
@@ -159,7 +164,7 @@ def build(
                 inputs=["input_ids", "seqlens_k", "total_sequence_length", "logits_index", "past_key.*", "past_value.*"],
                 outputs=["logits", "present_key.*", "present_value.*"],
             ),
-            tokenizer=base_model.tokenizer_info(),
+            tokenizer=tokenizer_info,
             files={},
             merge_points={"targets": list(TARGETS), "rank": "dynamic",
                           "a_default": "block_sums" if side_path else "zeros",
@@ -169,6 +174,8 @@ def build(
                 "base": base_model.name,
                 "base_source": Path(base_model.source).name,
                 "base_sha256": base_model.source_sha256,
+                "base_license": base_model.license,
+                **({"chat_template": "given at build"} if chat_template is not None else {}),
                 **({"merged_adapter": merged} if merged else {}),
                 **({"distilled": distilled} if (distilled := _distill_record(base_model.source)) else {}),
                 **({"calibration": f"pydoc_data.topics after character 20000 less the lines the held-out text has, {calibration_sequences} sequences "
@@ -196,6 +203,20 @@ def build(
         raise
     say(f"Wrote {target} in {time.time() - t0:.0f} s")
     return target
+
+
+def _with_template(base, info, text: str):
+    """The tokenizer entry with this chat template, which must parse as the runtime will read it."""
+    from jishi.runtime.tokenizer import Tokenizer
+
+    if not isinstance(text, str) or not text.strip():
+        raise JishiError("the chat template is empty: give the text of a Jinja chat template")
+    info = replace(info, chat_template=text)
+    try:
+        Tokenizer(None, info, json_text=base.tokenizer_json)
+    except JishiError as e:
+        raise JishiError(f"the chat template given does not parse ({e}); fix it and build again") from None
+    return info
 
 
 def _gguf_grids(base, weights: dict, quant: str, quiet: bool):

@@ -7,7 +7,7 @@ import sys
 
 from jishi.errors import JishiError
 
-from .common import key_values, named_dir
+from .common import key_values, named_dir, read_template
 
 
 def register(sub) -> None:
@@ -24,6 +24,9 @@ def register(sub) -> None:
     b.add_argument("--head", choices=["int8", "int4"], default="int8",
                    help="int4/int8 bundles: bits of the embedding table and LM head (default int8, which keeps a Q8_0 "
                         "base's exactly; int4 is smaller, measure it with the build's evaluation)")
+    b.add_argument("--chat-template", metavar="FILE",
+                   help="a Jinja chat template (Hugging Face style) stored in the bundle in place of the base's own; "
+                        "a pretrained base such as gemma3-270m has none, so chat needs one")
     b.add_argument("--device", help="plan the build for this device profile (see `jishi devices`) or 'detect'")
     b.add_argument("-o", "--output", help="bundle directory (default ./bundles/<name>-<quant>)")
     b.add_argument("--name", help="model name in the manifest (default: from the base)")
@@ -173,7 +176,8 @@ def build(args) -> int:
                              "first, or use `jishi distill`")
     path = build_bundle(base, quant, args.output, args.name, args.context, evaluate=not args.no_eval,
                  merge_points=True if adapters else args.merge_points, merge=merge, calibrated=calibrated,
-                 block=args.block, teacher=teacher, head_bits=int(args.head[3:]))
+                 block=args.block, teacher=teacher, head_bits=int(args.head[3:]),
+                 chat_template=read_template(args.chat_template) if args.chat_template else None)
     if adapters:
         from jishi.export.adapters import add_adapter
 
