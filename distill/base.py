@@ -19,7 +19,6 @@ from pathlib import Path
 
 from jishi.errors import BaseModelError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -211,10 +210,12 @@ def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
         config = AutoConfig.from_pretrained(where, **kw)
     except Exception as e:  # transformers raises many types for a bad file
         raise BaseModelError(f"cannot read the model configuration from {path}: {e}") from None
-    if config.model_type not in SUPPORTED_FAMILIES:
-        raise BaseModelError(
-            f"{path} is a {config.model_type!r} model; jishi supports the Llama family: {', '.join(SUPPORTED_FAMILIES)}"
-        )
+    from jishi.export.families import family_of
+
+    try:
+        family_of(config).check(config)
+    except BaseModelError as e:
+        raise BaseModelError(f"{path}: {e}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(where, torch_dtype=torch.float32, **kw)
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)

@@ -56,7 +56,7 @@ def build(
 
     from jishi.distill.base import LoadedBase, load_base
     from jishi.export.bundle_writer import check_target, publish, staging_dir, with_files, write_manifest
-    from jishi.export.from_torch import model_config, numpy_weights, rotary
+    from jishi.export.from_torch import model_config, numpy_weights, rope_tables
     from jishi.export.graph import QUANTS, QuantRecipe, build_decoder, save_model, strip_merge_points
     from jishi.runtime.adapters import TARGETS
     from jishi.runtime.manifest import GraphInfo, Manifest
@@ -113,11 +113,10 @@ def build(
         batches = calibration_batches(base_model.runtime_tokenizer(), calibration_sequences, min(256, context))
         with tqdm(total=7 * cfg.num_layers, desc="GPTQ on calibration text", unit="weight", disable=quiet, file=sys.stderr) as bar:
             prequantized = gptq_model(base_model.model, batches, 4, block, progress=bar.update)
-    weights = numpy_weights(base_model.model)
-    inv_freq, attention_scaling = rotary(base_model.model)
+    weights = numpy_weights(base_model.model, cfg)
+    rope = rope_tables(base_model.model, cfg)
     with tqdm(total=cfg.num_layers, desc=f"Writing the {quant} graph", unit="layer", disable=quiet, file=sys.stderr) as bar:
-        graph = build_decoder(cfg, weights, inv_freq, recipe, attention_scaling, progress=bar.update,
-                              prequantized=prequantized)
+        graph = build_decoder(cfg, weights, None, recipe, progress=bar.update, prequantized=prequantized, rope=rope)
     del weights, prequantized
 
     check_target(target)
