@@ -25,7 +25,7 @@ def build(
     quant: str = "int4",
     output: str | Path | None = None,
     name: str | None = None,
-    context: int = DEFAULT_CONTEXT,
+    context: int | None = None,
     evaluate: bool = True,
     quiet: bool = False,
     merge_points: bool | None = None,
@@ -41,7 +41,7 @@ def build(
 
     ``base`` is a known name, a GGUF file, a Hugging Face directory, or a base
     already loaded with ``jishi.distill.base.load_base`` (to build several
-    bundles from one load). ``calibrated`` (int4 only) finds the int4 codes with GPTQ on
+    bundles from one load). ``context`` defaults to min(2048, the model's positions). ``calibrated`` (int4 only) finds the int4 codes with GPTQ on
     calibration text (the part of pydoc_data.topics after the held-out text) instead of
     rounding to nearest; ``block`` is the int4/int8 block size; ``head_bits`` (8 or 4) the
     embedding table's and LM head's. ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
@@ -71,7 +71,7 @@ def build(
         raise JishiError(f"--head int{head_bits} applies to int4 and int8 bundles (asked for {quant})")
     if block not in (16, 32, 64, 128):
         raise JishiError(f"block size {block} is not supported; choose 16, 32, 64 or 128")
-    if context < 16:
+    if context is not None and context < 16:
         raise JishiError(f"context {context} is too small; use at least 16 tokens")
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
 
@@ -88,7 +88,8 @@ def build(
         merge_points = False
         say(f"Merging adapter {merge[0]} into the weights…")
         base_model, merged = merged_base(base_model, *merge)
-    cfg = model_config(base_model.model.config, context)
+    cfg = model_config(base_model.model.config, context)  # default: min(2048, the model's positions)
+    context = cfg.context_length
     if quant in ("int4", "int8"):
         for what, size in (("hidden size", cfg.hidden_size), ("MLP size", cfg.intermediate_size),
                            ("attention width", cfg.num_heads * cfg.head_dim)):
