@@ -210,7 +210,7 @@ def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
         config = AutoConfig.from_pretrained(where, **kw)
     except Exception as e:  # transformers raises many types for a bad file
         raise BaseModelError(f"cannot read the model configuration from {path}: {e}") from None
-    from jishi.export.families import family_of
+    from jishi.families import family_of
 
     try:
         family_of(config).check(config)

@@ -2,15 +2,15 @@
 
 Duck-typed on the model (``.config``, ``.state_dict()``, ``.model.rotary_emb``):
 export/ never imports transformers itself. What differs by family is read from the
-features (``jishi.export.families``), never from the family's name.
+features (``jishi.families``), never from the family's name.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from jishi.export.families import default_context, features_of
-from jishi.export.families import model_config as _model_config
+from jishi.families import default_context, features_of
+from jishi.families import model_config as _model_config
 from jishi.runtime.manifest import ModelConfig
 
 

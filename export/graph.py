@@ -1,4 +1,4 @@
-"""Write a decoder (any family of jishi.export.families) as an ONNX graph made for onnxruntime on a CPU.
+"""Write a decoder (any family of jishi.families) as an ONNX graph made for onnxruntime on a CPU.
 
 The graph is written node by node from the weights (no tracing), so that it
 uses onnxruntime's fused contrib ops where they exist:
@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from jishi.errors import BaseModelError
-from jishi.export.families import features_of
+from jishi.families import features_of
 from jishi.export.quant import (QuantizedWeight, concat_outputs, quantize_asymmetric, quantize_symmetric_int8,
                                unpack_zero_points)
 from jishi.runtime.manifest import ModelConfig
@@ -192,7 +192,7 @@ def build_decoder(
 ) -> onnx.ModelProto:
     """The decoder graph of ``cfg`` with ``weights`` (Hugging Face names in the Llama layout, numpy).
 
-    What differs between families comes from ``cfg.features`` (``jishi.export.families``):
+    What differs between families comes from ``cfg.features`` (``jishi.families``):
     norms, QK-norm, activation, scales, rotary dimension, windows per layer. ``rope`` holds
     the rotary tables by name (``global``, and ``local`` for windowed layers with their own
     base); without it, ``inv_freq`` and ``attention_scaling`` are the one table.

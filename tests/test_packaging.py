@@ -26,7 +26,7 @@ def test_wheel_holds_every_module_under_jishi_and_imports_from_it(tmp_path):
     assert done.returncode == 0, done.stderr
     wheel = next(tmp_path.glob("jishi-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder, package in (("runtime", "runtime"), ("export", "export"), ("export/families", "export/families"),
+    for folder, package in (("runtime", "runtime"), ("export", "export"), ("src/jishi/families", "families"),
                             ("distill", "distill"), ("devices", "devices"), ("src/jishi", None)):
         for py in (ROOT / folder).glob("*.py"):
             inside = f"jishi/{package}/{py.name}" if package else f"jishi/{py.name}"

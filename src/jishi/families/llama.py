@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jishi.export.families.features import Features
+from jishi.families.features import Features
 
 NAME = "llama"
 MODEL_TYPES = ("llama",)

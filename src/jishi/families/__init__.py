@@ -1,4 +1,7 @@
-"""The model families jishi exports: one small module each, found by ``model_type``.
+"""The model families jishi takes: one small module each, found by ``model_type``.
+
+Read by the graph builder (export/) and by the torch side (distill/: loading, pruning,
+fine-tuning), so it lives beside both and imports neither, nor torch or transformers.
 
 Each family module has ``NAME`` (shown to users), ``MODEL_TYPES`` (the transformers
 ``model_type`` values it reads), ``check(hf_config)`` (refuse what it cannot export,
@@ -9,11 +12,9 @@ module here and its tests.
 
 from __future__ import annotations
 
-import math
-
 from jishi.errors import BaseModelError
-from jishi.export.families import gemma3, llama, mistral, phi3, qwen2, qwen3
-from jishi.export.families.features import ACTIVATIONS, Features
+from jishi.families import gemma3, llama, mistral, phi3, qwen2, qwen3
+from jishi.families.features import ACTIVATIONS, Features
 from jishi.runtime.manifest import ModelConfig
 
 FAMILIES = {t: module for module in (llama, mistral, qwen2, qwen3, gemma3, phi3) for t in module.MODEL_TYPES}
@@ -143,11 +144,3 @@ def _replace(f: Features, **kw) -> Features:
     from dataclasses import replace
 
     return replace(f, **kw)
-
-
-def softcap(value) -> float:
-    return float(value) if value else 0.0
-
-
-def inverse_sqrt(x: float) -> float:
-    return 1.0 / math.sqrt(x)

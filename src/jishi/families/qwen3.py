@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jishi.errors import BaseModelError
-from jishi.export.families.features import Features
+from jishi.families.features import Features
 
 NAME = "qwen3"
 MODEL_TYPES = ("qwen3",)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jishi.export.families.features import Features
+from jishi.families.features import Features
 
 NAME = "mistral"
 MODEL_TYPES = ("mistral",)

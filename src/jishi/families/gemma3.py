@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from jishi.errors import BaseModelError
-from jishi.export.families.features import Features
+from jishi.families.features import Features
 
 NAME = "gemma3"
 MODEL_TYPES = ("gemma3_text",)

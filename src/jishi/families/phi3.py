@@ -3,7 +3,7 @@ rotary (Phi-4-mini rotates 3/4 of each head), longrope scaling, a sliding window
 
 from __future__ import annotations
 
-from jishi.export.families.features import Features
+from jishi.families.features import Features
 
 NAME = "phi3"
 MODEL_TYPES = ("phi3",)
