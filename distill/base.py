@@ -19,7 +19,6 @@ from pathlib import Path
 
 from jishi.errors import BaseModelError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -239,13 +238,14 @@ def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
         from jishi.errors import MissingExtraError
 
         raise MissingExtraError("build", f"loading a base model ({e.name})") from None
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
     if path.is_file():
         from jishi.distill.gguf_tensors import check_file
 
         check_file(path)  # truncated, unreadable types, metadata that contradicts the weights: say so first
+        _refuse_multimodal_gguf(path)
         kw = {"gguf_file": path.name}
         where = path.parent
         digest = sha256_file(path)
@@ -255,13 +255,15 @@ def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
         config = AutoConfig.from_pretrained(where, **kw)
     except Exception as e:  # transformers raises many types for a bad file
         raise BaseModelError(f"cannot read the model configuration from {path}: {e}") from None
-    if config.model_type not in SUPPORTED_FAMILIES:
-        raise BaseModelError(
-            f"{path} is a {config.model_type!r} model; jishi supports the Llama family: {', '.join(SUPPORTED_FAMILIES)}"
-        )
+    from jishi.families import family_of
+
+    try:
+        family_of(config).check(config)
+    except BaseModelError as e:
+        raise BaseModelError(f"{path}: {e}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(where, torch_dtype=torch.float32, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+        tokenizer = load_tokenizer(path)
     except Exception as e:
         raise BaseModelError(f"cannot load the model in {path}: {e}") from None
     model.eval()
@@ -296,6 +298,44 @@ def _gguf_license(path: Path) -> str | None:
 
     f = open_reader(path).fields.get("general.license")
     return bytes(f.parts[f.data[0]]).decode("utf-8", "replace") if f is not None and f.data else None
+
+
+def _refuse_multimodal_gguf(path: Path) -> None:
+    """A vision projector (an mmproj GGUF, architecture "clip") or a file with vision-tower tensors is
+    not a text decoder: say so before transformers fails on it less clearly."""
+    from gguf import GGUFReader
+
+    from jishi.families import supported
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError, struct.error, ... for a truncated or foreign file
+        raise BaseModelError(f"{path} is not a readable GGUF file ({e}); fetch or convert it again") from None
+    f = reader.fields.get("general.architecture")
+    arch = bytes(f.parts[f.data[0]]).decode() if f is not None and f.data else None
+    vision = any(t.name.startswith(("v.", "mm.", "vision")) for t in reader.tensors)
+    if arch == "clip" or vision:
+        raise BaseModelError(
+            f"{path} is a multimodal file ({'a vision projector, mmproj' if arch == 'clip' else 'with a vision tower'}); "
+            f"jishi takes text decoders only: pass the text model's GGUF, without the mmproj file. "
+            f"Supported families: {supported()}"
+        )
+
+
+def load_tokenizer(path: Path):
+    """The base's tokenizer (a transformers fast tokenizer): a GGUF's SentencePiece vocabulary rebuilt
+    as the model it came from (transformers' own GGUF reading differs from it on some text), any other
+    GGUF vocabulary as transformers reads it, a directory's tokenizer as it is."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.is_file():
+        from jishi.distill.spm_gguf import fast_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = fast_tokenizer(path, Path(tmp))
+        return tok if tok is not None else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _gguf_special_tokens(path: Path) -> tuple[bool, list[int]]:

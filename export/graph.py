@@ -1,4 +1,4 @@
-"""Write a Llama-family decoder as an ONNX graph made for onnxruntime on a CPU.
+"""Write a decoder (any family of jishi.families) as an ONNX graph made for onnxruntime on a CPU.
 
 The graph is written node by node from the weights (no tracing), so that it
 uses onnxruntime's fused contrib ops where they exist:
@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from jishi.errors import BaseModelError
+from jishi.families import features_of
 from jishi.export.quant import (QuantizedWeight, concat_outputs, quantize_asymmetric, quantize_symmetric_int8,
                                unpack_zero_points)
 from jishi.runtime.manifest import ModelConfig
@@ -224,20 +225,29 @@ def block_sum_matrix(k: int, block: int) -> np.ndarray:
 def build_decoder(
     cfg: ModelConfig,
     weights: Mapping[str, np.ndarray],
-    inv_freq: np.ndarray,
+    inv_freq: np.ndarray | None,
     recipe: QuantRecipe,
     attention_scaling: float = 1.0,
     progress: Callable[[int], None] | None = None,
     prequantized: Mapping[str, QuantizedWeight] | None = None,
+    rope: Mapping[str, tuple[np.ndarray, float]] | None = None,
 ) -> onnx.ModelProto:
-    """The decoder graph of ``cfg`` with ``weights`` (Hugging Face Llama names, numpy).
+    """The decoder graph of ``cfg`` with ``weights`` (Hugging Face names in the Llama layout, numpy).
 
+    What differs between families comes from ``cfg.features`` (``jishi.families``):
+    norms, QK-norm, activation, scales, rotary dimension, windows per layer. ``rope`` holds
+    the rotary tables by name (``global``, and ``local`` for windowed layers with their own
+    base); without it, ``inv_freq`` and ``attention_scaling`` are the one table.
     ``prequantized`` maps weight names to int4 codes found elsewhere (GPTQ); those weights
     use them instead of round-to-nearest."""
     weights = _Tracked(weights)
+    feats = features_of(cfg)
     g = _Graph()
     lin = _Linear(g, recipe, prequantized)
     hd, nh, nkv, H = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size
+
+    def norm_weight(name: str) -> str:
+        return g.init(name, weights[name].astype(np.float32) + np.float32(feats.norm_offset))
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
@@ -252,9 +262,15 @@ def build_decoder(
             inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, kv_shape))
 
-    cos, sin = rope_caches(inv_freq, cfg.context_length, attention_scaling)
-    g.init("rope.cos", cos)
-    g.init("rope.sin", sin)
+    rope = dict(rope or {"global": (inv_freq, attention_scaling)})
+    tables = {}
+    for kind, (freqs, scaling) in rope.items():
+        if 2 * len(freqs) != (feats.rotary_dim or hd):
+            raise BaseModelError(f"the {kind} rotary table has {len(freqs)} frequencies, expected "
+                                 f"{(feats.rotary_dim or hd) // 2}; the model's rope settings contradict its head size")
+        cos, sin = rope_caches(freqs, cfg.context_length, scaling)
+        stem = "rope" if kind == "global" else f"rope.{kind}"
+        tables[kind] = (g.init(f"{stem}.cos", cos), g.init(f"{stem}.sin", sin))
 
     embed = weights["model.embed_tokens.weight"]
     lm_head = embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
@@ -273,23 +289,34 @@ def build_decoder(
                       else quantize_asymmetric(embed, 4, recipe.block, correct=False))
     rows = g.op("Reshape", [_embedding(g, recipe, embed, head_codes, cfg.tie_word_embeddings),
                             g.init("shape.rows", np.array([-1, H], np.int64))], name="embed/rows")
+    if feats.embedding_scale != 1.0:
+        rows = g.op("Mul", [rows, g.init("embed.scale", np.array(feats.embedding_scale, np.float32))], name="embed/scale")
     hidden = rows
     ids_shape = g.op("Shape", ["input_ids"], name="ids_shape")
     qkv_width = (nh + 2 * nkv) * hd
     qkv_shape = g.op("Concat", [ids_shape, g.init("shape.qkv", np.array([qkv_width], np.int64))], axis=0, name="qkv_shape")
+    if feats.qk_norm:
+        q_shape = g.op("Concat", [ids_shape, g.init("shape.q", np.array([nh * hd], np.int64))], axis=0, name="q_shape")
+        kv_shape_t = g.op("Concat", [ids_shape, g.init("shape.kv", np.array([nkv * hd], np.int64))], axis=0, name="kv_shape")
+        head_rows = g.init("shape.head_rows", np.array([-1, hd], np.int64))
+        qkv_split = g.init("split.qkv", np.array([nh * hd, nkv * hd, nkv * hd], np.int64))
     attn_rows = g.init("shape.attn_rows", np.array([-1, nh * hd], np.int64))
+    scale = feats.attention_scale or 1.0 / math.sqrt(hd)
+    activation = ACTIVATIONS[feats.activation]
+
+    def plain_norm(x: str, gamma: str, name: str) -> str:
+        return g.op("SimplifiedLayerNormalization", [x, gamma], axis=-1, epsilon=cfg.rms_norm_eps, name=name)
 
     residual = None
     x = None
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        ln_in = weights[p + "input_layernorm.weight"].astype(np.float32)
+        ln_in = norm_weight(p + "input_layernorm.weight")
         if residual is None:
-            x = g.op("SimplifiedLayerNormalization", [hidden, g.init(p + "input_layernorm.weight", ln_in)],
-                     axis=-1, epsilon=cfg.rms_norm_eps, name=f"layer{i}/ln_in")
+            x = plain_norm(hidden, ln_in, f"layer{i}/ln_in")
             residual = hidden
         else:
-            x, residual = _skip_norm(g, x, residual, g.init(p + "input_layernorm.weight", ln_in), cfg, f"layer{i}/ln_in")
+            x, residual = _skip_norm(g, x, residual, ln_in, cfg, f"layer{i}/ln_in")
 
         a = p + "self_attn."
         bias = None
@@ -297,38 +324,64 @@ def build_decoder(
             bias = np.concatenate([weights[a + f"{t}_proj.bias"] for t in "qkv"])
         qkv = lin(x, [weights[a + f"{t}_proj.weight"] for t in "qkv"], f"layer{i}.attn.qkv", bias=bias,
                   keys=[a + f"{t}_proj.weight" for t in "qkv"])
-        qkv = g.op("Reshape", [qkv, qkv_shape], name=f"layer{i}/attn/in")
+        if feats.qk_norm:
+            # RMSNorm over each head of q and k (rows × heads·hd → rows·heads × hd), before rotary.
+            q, k, v = g.op("Split", [qkv, qkv_split], n_out=3, axis=-1, name=f"layer{i}/attn/split")
+            qk = []
+            for t, src, shape in (("q", q, q_shape), ("k", k, kv_shape_t)):
+                heads = g.op("Reshape", [src, head_rows], name=f"layer{i}/attn/{t}_heads")
+                normed = plain_norm(heads, norm_weight(a + f"{t}_norm.weight"), f"layer{i}/attn/{t}_norm")
+                qk.append(g.op("Reshape", [normed, shape], name=f"layer{i}/attn/{t}_in"))
+            attn_in = [*qk, g.op("Reshape", [v, kv_shape_t], name=f"layer{i}/attn/v_in")]
+        else:
+            attn_in = [g.op("Reshape", [qkv, qkv_shape], name=f"layer{i}/attn/in"), "", ""]
+        window = feats.layer_windows[i] if i < len(feats.layer_windows) else None
+        cos, sin = tables["local" if window and "local" in tables else "global"]
+        extra = {"softcap": feats.attn_logit_softcap} if feats.attn_logit_softcap else {}
         attn, _, _ = g.op(
             "GroupQueryAttention",
-            [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", "rope.cos", "rope.sin"],
+            [*attn_in, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", cos, sin],
             domain=MS, name=f"layer{i}/attn", outputs=[f"layer{i}/attn/out", f"present_key.{i}", f"present_value.{i}"],
-            num_heads=nh, kv_num_heads=nkv, scale=1.0 / math.sqrt(hd), do_rotary=1, rotary_interleaved=0,
-            local_window_size=cfg.sliding_window or -1,
+            num_heads=nh, kv_num_heads=nkv, scale=scale, do_rotary=1, rotary_interleaved=0,
+            # local_window_size = the config's sliding_window gives transformers' masks (checked on tiny Gemma 3
+            # and Mistral models past the window).
+            local_window_size=window if window else -1, **extra,
         )
         attn = g.op("Reshape", [attn, attn_rows], name=f"layer{i}/attn/rows")
         o = lin(attn, [weights[a + "o_proj.weight"]], f"layer{i}.attn.o", keys=[a + "o_proj.weight"])
+        if feats.post_attention_norm:
+            o = plain_norm(o, norm_weight(p + feats.post_attention_norm + ".weight"), f"layer{i}/ln_attn_out")
 
-        ln_post = g.init(p + "post_attention_layernorm.weight", weights[p + "post_attention_layernorm.weight"].astype(np.float32))
-        x, residual = _skip_norm(g, o, residual, ln_post, cfg, f"layer{i}/ln_post")
+        x, residual = _skip_norm(g, o, residual, norm_weight(p + feats.pre_mlp_norm + ".weight"), cfg, f"layer{i}/ln_post")
 
         m = p + "mlp."
         gate_up = lin(x, [weights[m + "gate_proj.weight"], weights[m + "up_proj.weight"]], f"layer{i}.mlp.gate_up",
                       keys=[m + "gate_proj.weight", m + "up_proj.weight"])
         gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2, name=f"layer{i}/mlp/split")
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"layer{i}/mlp/sigmoid")], name=f"layer{i}/mlp/silu")
+        act = activation(g, gate, f"layer{i}/mlp/{feats.activation}")
         x = lin(g.op("Mul", [act, up], name=f"layer{i}/mlp/gated"), [weights[m + "down_proj.weight"]], f"layer{i}.mlp.down",
                 keys=[m + "down_proj.weight"])
+        if feats.post_mlp_norm:
+            x = plain_norm(x, norm_weight(p + feats.post_mlp_norm + ".weight"), f"layer{i}/ln_mlp_out")
         if progress:
             progress(1)
 
-    normed, _ = _skip_norm(g, x, residual, g.init("model.norm.weight", weights["model.norm.weight"].astype(np.float32)), cfg, "final_norm")
+    # The final norm, then the LM head on the rows asked for.
+    normed, _ = _skip_norm(g, x, residual, norm_weight("model.norm.weight"), cfg, "final_norm")
     picked = g.op("Gather", [normed, "logits_index"], axis=0, name="pick_rows")
     head_ready = None
     if recipe.name == "gguf" and not cfg.tie_word_embeddings:
         head_ready = (prequantized or {}).get("lm_head.weight")
-    _lm_head(g, recipe, picked, lm_head, tied=cfg.tie_word_embeddings, tied_codes=head_codes, ready=head_ready)
+    cap = feats.final_logit_softcap
+    _lm_head(g, recipe, picked, lm_head, tied=cfg.tie_word_embeddings, tied_codes=head_codes, ready=head_ready,
+             out="logits/raw" if cap else "logits")
+    if cap:  # logits = cap · tanh(logits / cap)
+        c = g.init("logits.softcap", np.array(cap, np.float32))
+        capped = g.op("Tanh", [g.op("Div", ["logits/raw", c], name="softcap/div")], name="softcap/tanh")
+        g.op("Mul", [capped, c], name="softcap/mul", outputs=["logits"])
 
     unused = sorted(k for k in set(weights) - weights.used if not k.endswith("rotary_emb.inv_freq")
+                    and not k.endswith("rotary_emb_local.inv_freq")
                     and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
     if unused:
         raise BaseModelError(
@@ -339,6 +392,18 @@ def build_decoder(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
     model.ir_version = 10
     return model
+
+
+def _silu(g: _Graph, x: str, name: str) -> str:
+    return g.op("Mul", [x, g.op("Sigmoid", [x], name=f"{name}/sigmoid")], name=name)
+
+
+def _gelu_tanh(g: _Graph, x: str, name: str) -> str:
+    # FastGelu is GELU's tanh approximation, as transformers' gelu_pytorch_tanh.
+    return g.op("FastGelu", [x], domain=MS, name=name)
+
+
+ACTIVATIONS = {"silu": _silu, "gelu_tanh": _gelu_tanh}
 
 
 class _Tracked(dict):
@@ -393,7 +458,7 @@ def _embedding(g: _Graph, recipe: QuantRecipe, embed: np.ndarray, codes: Quantiz
 
 
 def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: bool,
-             tied_codes: QuantizedWeight | None = None, ready=None) -> None:
+             tied_codes: QuantizedWeight | None = None, ready=None, out: str = "logits") -> None:
     """``ready``: an untied head's own grid (gguf), a QuantizedWeight or a float array."""
     if recipe.name == "gguf" and not tied and isinstance(ready, np.ndarray):
         weight = ready
@@ -406,13 +471,13 @@ def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: b
             table = "model.embed_tokens.weight"
             if half:
                 table = g.op("Cast", [table], to=TensorProto.FLOAT, name="lm_head/cast")
-            g.op("Gemm", [x, table], transB=1, name="lm_head/gemm", outputs=["logits"])
+            g.op("Gemm", [x, table], transB=1, name="lm_head/gemm", outputs=[out])
             return
         wt = np.ascontiguousarray(weight.T)
         w = g.init("lm_head.weight", wt.astype(np.float16 if half else np.float32))
         if half:
             w = g.op("Cast", [w], to=TensorProto.FLOAT, name="lm_head/cast")
-        g.op("MatMul", [x, w], name="lm_head/matmul", outputs=["logits"])
+        g.op("MatMul", [x, w], name="lm_head/matmul", outputs=[out])
         return
     if tied:
         qw, packed = tied_codes, "lm_head.qweight"  # written by _embedding
@@ -426,7 +491,7 @@ def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: b
               else quantize_asymmetric(weight, 4, recipe.block, correct=False))
         packed = g.init("lm_head.qweight", qw.packed)
     inputs = [x, packed, g.init("lm_head.scales", qw.scales.reshape(-1)), g.init("lm_head.qzeros", qw.zero_points)]
-    g.op("MatMulNBits", inputs, domain=MS, name="lm_head/matmul", outputs=["logits"],
+    g.op("MatMulNBits", inputs, domain=MS, name="lm_head/matmul", outputs=[out],
          K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block, accuracy_level=recipe.accuracy_level)
 
 

@@ -244,14 +244,15 @@ class Model:
         self.use_adapter(adapter)
         return Stream(self._generate(ids, max_new_tokens, params, normalize_stops(stop), seed))
 
-    def chat(self, messages: list[dict], **kwargs) -> Result:
-        return self.generate(self.chat_prompt(messages), chat=True, **kwargs)
+    def chat(self, messages: list[dict], template_vars: dict | None = None, **kwargs) -> Result:
+        """``template_vars`` go to the chat template as they are, e.g. ``{"enable_thinking": False}`` (Qwen3)."""
+        return self.generate(self.chat_prompt(messages, template_vars), chat=True, **kwargs)
 
-    def chat_stream(self, messages: list[dict], **kwargs) -> Stream:
-        return self.stream(self.chat_prompt(messages), chat=True, **kwargs)
+    def chat_stream(self, messages: list[dict], template_vars: dict | None = None, **kwargs) -> Stream:
+        return self.stream(self.chat_prompt(messages, template_vars), chat=True, **kwargs)
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def chat_prompt(self, messages: list[dict], template_vars: dict | None = None) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **(template_vars or {}))
 
     def count_tokens(self, text: str, chat: bool = False) -> int:
         return len(self.tokenizer.encode(text, bos=False if chat else None))

@@ -66,7 +66,7 @@ def test_a_failed_download_says_what_to_do(fake_known, monkeypatch, tmp_path):
 def test_corrupt_gguf_is_refused(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"this is not a gguf file at all" * 10)
-    with pytest.raises(BaseModelError, match="cannot read the model configuration from"):
+    with pytest.raises(BaseModelError, match="broken.gguf is not a readable GGUF file .*fetch or convert it again"):
         base_mod.load_base(bad)
 
 

@@ -25,7 +25,7 @@ def build(
     quant: str | None = None,
     output: str | Path | None = None,
     name: str | None = None,
-    context: int = DEFAULT_CONTEXT,
+    context: int | None = None,
     evaluate: bool = True,
     quiet: bool = False,
     merge_points: bool | None = None,
@@ -42,8 +42,9 @@ def build(
 
     ``base`` is a known name, a GGUF file, a Hugging Face directory, or a base
     already loaded with ``jishi.distill.base.load_base`` (to build several
-    bundles from one load). ``quant`` defaults to ``gguf`` for a GGUF base (every tensor kept on its own
-    grid, 4- or 8-bit, see ``jishi.export.gguf_formats``) and to ``int4`` otherwise. ``calibrated`` (int4 only) finds the int4 codes with GPTQ on
+    bundles from one load). ``context`` defaults to min(2048, the model's positions). ``quant`` defaults to
+    ``gguf`` for a GGUF base (every tensor kept on its own grid, 4- or 8-bit, see ``jishi.export.gguf_formats``)
+    and to ``int4`` otherwise. ``calibrated`` (int4 only) finds the int4 codes with GPTQ on
     calibration text (the part of pydoc_data.topics after the held-out text) instead of
     rounding to nearest; ``block`` is the int4/int8 block size; ``head_bits`` (8 or 4) the
     embedding table's and LM head's. ``chat_template`` (Jinja text) is stored in the bundle in place of the
@@ -59,7 +60,7 @@ def build(
 
     from jishi.distill.base import LoadedBase, load_base
     from jishi.export.bundle_writer import check_target, publish, staging_dir, with_files, write_manifest
-    from jishi.export.from_torch import model_config, numpy_weights, rotary
+    from jishi.export.from_torch import model_config, numpy_weights, rope_tables
     from jishi.export.graph import QUANTS, QuantRecipe, build_decoder, save_model, strip_merge_points
     from jishi.runtime.adapters import TARGETS
     from jishi.runtime.manifest import GraphInfo, Manifest
@@ -74,7 +75,7 @@ def build(
         raise JishiError(f"--head int{head_bits} applies to int4 and int8 bundles (asked for {quant})")
     if block not in (16, 32, 64, 128):
         raise JishiError(f"block size {block} is not supported; choose 16, 32, 64 or 128")
-    if context < 16:
+    if context is not None and context < 16:
         raise JishiError(f"context {context} is too small; use at least 16 tokens")
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
 
@@ -104,7 +105,8 @@ def build(
     tokenizer_info = base_model.tokenizer_info()
     if chat_template is not None:
         tokenizer_info = _with_template(base_model, tokenizer_info, chat_template)
-    cfg = model_config(base_model.model.config, context)
+    cfg = model_config(base_model.model.config, context)  # default: min(2048, the model's positions)
+    context = cfg.context_length
     if quant in ("int4", "int8"):
         for what, size in (("hidden size", cfg.hidden_size), ("MLP size", cfg.intermediate_size),
                            ("attention width", cfg.num_heads * cfg.head_dim)):
@@ -118,7 +120,7 @@ def build(
     # int4's side path exists anyway for the zero-point correction: its merge points are free
     # and it has one graph. Elsewhere they add two nodes per projection, so the bundle also
     # holds the graph without them, over the same weights file, for requests with no adapter.
-    weights = numpy_weights(base_model.model)
+    weights = numpy_weights(base_model.model, cfg)
     grids = None
     if quant == "gguf" or (quant == "int4" and from_gguf_file and merged is None and not calibrated and block == 32):
         grids = _gguf_grids(base_model, weights, quant, quiet)
@@ -138,10 +140,9 @@ def build(
         batches = calibration_batches(base_model.runtime_tokenizer(), calibration_sequences, min(256, context))
         with tqdm(total=7 * cfg.num_layers, desc="GPTQ on calibration text", unit="weight", disable=quiet, file=sys.stderr) as bar:
             prequantized = gptq_model(base_model.model, batches, 4, block, progress=bar.update)
-    inv_freq, attention_scaling = rotary(base_model.model)
+    rope = rope_tables(base_model.model, cfg)
     with tqdm(total=cfg.num_layers, desc=f"Writing the {quant} graph", unit="layer", disable=quiet, file=sys.stderr) as bar:
-        graph = build_decoder(cfg, weights, inv_freq, recipe, attention_scaling, progress=bar.update,
-                              prequantized=prequantized)
+        graph = build_decoder(cfg, weights, None, recipe, progress=bar.update, prequantized=prequantized, rope=rope)
     del weights, prequantized
 
     check_target(target)

@@ -30,7 +30,7 @@ def register(sub) -> None:
     b.add_argument("--device", help="plan the build for this device profile (see `jishi devices`) or 'detect'")
     b.add_argument("-o", "--output", help="bundle directory (default ./bundles/<name>-<quant>)")
     b.add_argument("--name", help="model name in the manifest (default: from the base)")
-    b.add_argument("--context", type=int, default=2048, help="context window in tokens (default 2048)")
+    b.add_argument("--context", type=int, help="context window in tokens (default: the model's positions, at most 2048)")
     b.add_argument("--no-eval", action="store_true", help="skip measuring quality on held-out text")
     mp = b.add_mutually_exclusive_group()
     mp.add_argument("--merge-points", action="store_true", default=None,
