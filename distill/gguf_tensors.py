@@ -41,8 +41,8 @@ def open_reader(path: Path):
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise BaseModelError(f"cannot read the model configuration from {path}: it is not a GGUF file (it does not "
-                             "start with 'GGUF'); pass a GGUF file or a Hugging Face model directory")
+        raise BaseModelError(f"{path} is not a readable GGUF file (it does not start with 'GGUF'): fetch or convert "
+                             "it again, or pass a Hugging Face model directory")
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, KeyError, struct errors for a damaged file
