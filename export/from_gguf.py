@@ -16,10 +16,13 @@ from typing import Callable, Mapping
 import numpy as np
 
 from jishi.export.gguf_formats import FORMATS, to_weight
-from jishi.export.quant import QuantizedWeight, quantize_asymmetric, quantize_symmetric_int8
+from jishi.export.quant import QuantizedWeight, quantize_asymmetric, quantize_symmetric_int8, take_rows
 
 TABLES = ("model.embed_tokens.weight", "lm_head.weight")
 FOUR_BIT_BLOCK_32 = ("Q4_0", "Q4_1", "Q4_K")  # what `--quant int4` keeps as it is
+# Fused projections (Phi-3) that the graph takes as their parts: one GGUF tensor, split by rows.
+FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+         "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
 
 
 @dataclass
@@ -63,9 +66,10 @@ def grid_weights(raw: Mapping, reference: Mapping[str, np.ndarray], mode: str = 
     """
     plan = GridPlan()
     for name, t in raw.items():
-        if name not in reference:
+        parts = _parts(name, reference)
+        if name not in reference and not parts:
             continue
-        ref = reference[name]
+        ref = reference[name] if not parts else np.concatenate([reference[p] for p in parts], axis=0)
         table = name in TABLES
         group = group_of(name)
         if mode == "int4" and (table or t.type_name not in FOUR_BIT_BLOCK_32):
@@ -77,12 +81,34 @@ def grid_weights(raw: Mapping, reference: Mapping[str, np.ndarray], mode: str = 
             w = _requantize(t.bits_per_weight, ref, table)
             plan.requantized.setdefault(group, {}).setdefault(t.type_name, 0)
             plan.requantized[group][t.type_name] += 1
-        plan.weights[name] = w
+        if parts:
+            at = np.cumsum([0] + [reference[p].shape[0] for p in parts])
+            for p, a, b in zip(parts, at, at[1:]):
+                plan.weights[p] = take_rows(w, a, b) if isinstance(w, QuantizedWeight) else w[a:b]
+        else:
+            plan.weights[name] = w
         plan.formats.setdefault(group, {}).setdefault(t.type_name, 0)
         plan.formats[group][t.type_name] += 1
         if progress:
             progress(1)
+    if mode == "gguf":  # a projection the file does not hold as a tensor of its own: 8-bit blocks
+        for name, ref in reference.items():
+            if name.endswith("_proj.weight") and ref.ndim == 2 and name not in plan.weights:
+                plan.weights[name] = quantize_asymmetric(ref, 8, 32, correct=False)
+                plan.requantized.setdefault(group_of(name), {}).setdefault("not a tensor of the file", 0)
+                plan.requantized[group_of(name)]["not a tensor of the file"] += 1
     return plan
+
+
+def _parts(name: str, reference: Mapping) -> tuple[str, ...]:
+    """The graph's names for the parts of a fused projection (empty if ``name`` is not one)."""
+    for fused, parts in FUSED.items():
+        if name.endswith(fused):
+            stem = name[: -len(fused)]
+            full = tuple(stem + p for p in parts)
+            if all(p in reference for p in full):
+                return full
+    return ()
 
 
 def _exact(name: str, t, ref: np.ndarray, notes: list):

@@ -219,3 +219,12 @@ def from_codes(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bit
     return QuantizedWeight(bits=bits, block=block, n=n, k=k, packed=pack(codes, bits, block),
                            scales=np.asarray(scale, dtype=np.float32),
                            zero_points=pack_zero_points(np.ascontiguousarray(zero_point), bits), correction=None)
+
+
+def take_rows(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
+    """Output rows ``start:stop`` of a weight (a fused q/k/v or gate/up split into its parts), unchanged."""
+    nb = qw.k // qw.block
+    zp = unpack_zero_points(qw.zero_points, qw.bits, qw.n, nb)[start:stop]
+    return QuantizedWeight(bits=qw.bits, block=qw.block, n=stop - start, k=qw.k, packed=qw.packed[start:stop].copy(),
+                           scales=qw.scales[start:stop].copy(), zero_points=pack_zero_points(np.ascontiguousarray(zp), qw.bits),
+                           correction=None if qw.correction is None else qw.correction[:, start:stop].copy())

@@ -114,3 +114,41 @@ def test_bundle_holds_the_grids_and_computes_the_dequantized_model(tiny_gguf, lo
     np.testing.assert_array_equal(inits["layer1.mlp.down.scales"],
                                   grids.weights["model.layers.1.mlp.down_proj.weight"].scales.reshape(-1))
     np.testing.assert_array_equal(inits["lm_head.qweight"], grids.weights["model.embed_tokens.weight"].packed)
+
+
+def test_a_fused_gguf_projection_is_split_into_the_graphs_parts_unchanged():
+    """Phi-3 files hold gate and up as one ffn_up tensor: its blocks are split by rows, exactly."""
+    from gguf_files import q4_k
+
+    from jishi.distill.gguf_tensors import RawTensor
+    from jishi.export.from_gguf import grid_weights
+
+    b = q4_k(np.random.default_rng(5), 96, 256)
+    full = gguf.quants.dequantize(b.raw, gguf.GGMLQuantizationType.Q4_K)
+    raw = {"model.layers.0.mlp.gate_up_proj.weight": RawTensor("blk.0.ffn_up.weight", "Q4_K", 96, 256, b.raw, 4.5)}
+    ref = {"model.layers.0.mlp.gate_proj.weight": full[:48], "model.layers.0.mlp.up_proj.weight": full[48:]}
+    plan = grid_weights(raw, ref)
+    gate, up = plan.weights["model.layers.0.mlp.gate_proj.weight"], plan.weights["model.layers.0.mlp.up_proj.weight"]
+    np.testing.assert_array_equal(unpack(up.packed, 4, 48, 256), b.codes[48:])
+    np.testing.assert_array_equal(gate.scales, b.scales[:48])
+    np.testing.assert_allclose(up.dequantize(), full[48:], rtol=0, atol=1e-6)
+    assert plan.formats == {"mlp.gate_up_proj": {"Q4_K": 1}} and not plan.requantized
+
+
+def test_int4_keeps_the_4_bit_blocks_and_lists_what_it_re_quantized(loaded, plan, tmp_path):
+    from jishi.pipeline import build
+    from jishi.runtime.bundle import open_bundle
+
+    grids, _ = plan
+    out = build(loaded, "int4", tmp_path / "i4", context=128, evaluate=False, quiet=True, accuracy_level=0)
+    q = open_bundle(out).manifest.graph.quantization
+    assert q["name"] == "int4"
+    kept = {t for counts in q["formats"].values() for t in counts}
+    moved = {t for counts in q["requantized"].values() for t in counts}
+    assert kept == {"Q4_0", "Q4_K"} and moved == {"Q5_0", "Q5_K", "Q6_K", "Q8_0"}
+
+    import onnx
+
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    gate_up = [grids.weights[f"model.layers.1.mlp.{p}_proj.weight"] for p in ("gate", "up")]  # both Q4_K in layer 1
+    np.testing.assert_array_equal(inits["layer1.mlp.gate_up.qweight"], np.concatenate([w.packed for w in gate_up]))
