@@ -183,8 +183,8 @@ class _Linear:
             else:
                 outs.append(self._matmul_nbits(x, concat_outputs(members) if len(members) > 1 else members[0], part))
         y = outs[0] if len(outs) == 1 else g.op("Concat", outs, axis=-1, name=f"{name}/concat")
-        if not r.zero_point_correction:
-            return y, None
+        if not r.zero_point_correction or all(not isinstance(p, QuantizedWeight) or p.correction is None for p in parts):
+            return y, None  # no correction here: no side path (or, with merge points, a one-row zero B)
         k = parts[0].shape[1] if not isinstance(parts[0], QuantizedWeight) else parts[0].k
         deltas = []
         for p in parts:
@@ -203,8 +203,9 @@ class _Linear:
             x,
             g.init(f"{name}.qweight", qw.packed),
             g.init(f"{name}.scales", qw.scales.reshape(-1)),
-            g.init(f"{name}.qzeros", qw.zero_points),
         ]
+        if not qw.default_zero_points():  # else MatMulNBits' own default, 2^(bits-1): nothing stored
+            inputs.append(g.init(f"{name}.qzeros", qw.zero_points))
         return g.op(
             "MatMulNBits", inputs, domain=MS, name=f"{name}/matmul",
             K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block, accuracy_level=r.accuracy_level,
@@ -447,12 +448,15 @@ def _embedding(g: _Graph, recipe: QuantRecipe, embed: np.ndarray, codes: Quantiz
     # The codes in MatMulNBits' layout (vocab, blocks, bytes per block), which GatherBlockQuantized reads
     # along its last axis: a tied LM head then uses the very same initializer, one copy of the largest tensor.
     vocab, nb = codes.n, codes.k // codes.block
-    inputs = [
-        g.init("lm_head.qweight" if tied else "model.embed_tokens.qweight", codes.packed),
-        "input_ids",
-        g.init("model.embed_tokens.scales", codes.scales.reshape(vocab, nb, 1)),
-        g.init("model.embed_tokens.qzeros", unpack_zero_points(codes.zero_points, codes.bits, vocab, nb).reshape(vocab, nb, 1)),
-    ]
+    if tied:  # one copy of the scales for both: the head's flat ones, shaped for the gather
+        scales = g.op("Reshape", [g.init("lm_head.scales", codes.scales.reshape(-1)),
+                                  g.init("shape.embed_scales", np.array([vocab, nb, 1], np.int64))], name="embed/scales")
+    else:
+        scales = g.init("model.embed_tokens.scales", codes.scales.reshape(vocab, nb, 1))
+    inputs = [g.init("lm_head.qweight" if tied else "model.embed_tokens.qweight", codes.packed), "input_ids", scales]
+    if not codes.default_zero_points():  # else GatherBlockQuantized's default, 2^(bits-1)
+        inputs.append(g.init("model.embed_tokens.qzeros",
+                             unpack_zero_points(codes.zero_points, codes.bits, vocab, nb).reshape(vocab, nb, 1)))
     return g.op("GatherBlockQuantized", inputs, domain=MS, name="embed", gather_axis=0, quantize_axis=2,
                 block_size=codes.block, bits=codes.bits)
 
@@ -490,7 +494,10 @@ def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: b
         qw = (quantize_symmetric_int8(weight, recipe.block) if recipe.head_bits == 8
               else quantize_asymmetric(weight, 4, recipe.block, correct=False))
         packed = g.init("lm_head.qweight", qw.packed)
-    inputs = [x, packed, g.init("lm_head.scales", qw.scales.reshape(-1)), g.init("lm_head.qzeros", qw.zero_points)]
+    scales = "lm_head.scales" if tied else g.init("lm_head.scales", qw.scales.reshape(-1))  # tied: written by _embedding
+    inputs = [x, packed, scales]
+    if not qw.default_zero_points():
+        inputs.append(g.init("lm_head.qzeros", qw.zero_points))
     g.op("MatMulNBits", inputs, domain=MS, name="lm_head/matmul", outputs=[out],
          K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block, accuracy_level=recipe.accuracy_level)
 

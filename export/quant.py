@@ -40,6 +40,11 @@ class QuantizedWeight:
     zero_points: np.ndarray  # uint8, packed as MatMulNBits wants
     correction: np.ndarray | None  # float32 (k/block, n), or None when exact without it
 
+    def default_zero_points(self) -> bool:
+        """Whether every zero point is MatMulNBits' default, 2^(bits−1): the input can then be left out."""
+        nb = self.k // self.block
+        return bool((unpack_zero_points(self.zero_points, self.bits, self.n, nb) == 1 << (self.bits - 1)).all())
+
     def dequantize(self) -> np.ndarray:
         """The weight this stands for, (n, k) float32, correction included."""
         q = unpack(self.packed, self.bits, self.n, self.k)

@@ -139,8 +139,15 @@ class Model:
         if self.has_merge_points:
             from jishi.runtime.adapters import default_a_inputs
 
-            base_inputs = default_a_inputs(m.config, m.merge_points)
+            base_inputs = default_a_inputs(m.config, m.merge_points, self._b_rows(graph_file))
         return Engine(session, m.config, self.context, base_inputs)
+
+    def _b_rows(self, graph_file: str) -> dict[str, int]:
+        """Rows of each merge point's stored B default (1: no correction there, its A default is a zero column)."""
+        from jishi.runtime.graph_shapes import graph_shapes
+
+        _, _, inits = graph_shapes(self.bundle.path(graph_file).read_bytes())
+        return {n: d[0] for n, d in inits.items() if n.startswith("lora.") and n.endswith(".b") and d}
 
     @property
     def has_merge_points(self) -> bool:
@@ -166,7 +173,7 @@ class Model:
             if self._defaults is None:
                 from jishi.runtime.adapters import default_a_inputs
 
-                self._defaults = {**default_a_inputs(self.manifest.config, mp),
+                self._defaults = {**default_a_inputs(self.manifest.config, mp, self._b_rows(mp.get("graph") or self.manifest.graph.file)),
                                   **float_initializers(self.bundle, "lora.", mp.get("graph"))}
             params = read_adapter_file(self.bundle.path(entry["file"]))
             self._adapters[name] = build_adapter(name, params, self.manifest.config, tuple(mp.get("targets", ())))

@@ -67,12 +67,14 @@ def test_every_type_reads_back_the_codes_scales_and_minimums_written(tiny_gguf, 
         order = _row_order(written, weights[name])
         nb = qw.k // qw.block
         assert qw.block == b.block
-        np.testing.assert_array_equal(unpack(qw.packed, qw.bits, qw.n, qw.k), b.codes[order])
+        default = 1 << (qw.bits - 1)  # integer zero points move to MatMulNBits' default, codes with them
+        shift = default - b.zero_point if b.zero_point is not None else 0
+        np.testing.assert_array_equal(unpack(qw.packed, qw.bits, qw.n, qw.k), b.codes[order] + shift)
         np.testing.assert_array_equal(qw.scales, b.scales[order])
         zp = unpack_zero_points(qw.zero_points, qw.bits, qw.n, nb).astype(np.float32)
         if b.zero_point is not None:
-            assert qw.correction is None
-            assert (zp == b.zero_point).all()
+            assert qw.correction is None and qw.default_zero_points()
+            assert (zp == default).all()
         else:  # the minimum, as the rounded zero point plus the correction carry it: to float32 rounding
             ulp = np.finfo(np.float32).eps * float(np.abs(b.minimum).max())
             np.testing.assert_allclose(qw.correction.T - zp * qw.scales, b.minimum[order], rtol=0, atol=2 * ulp)
@@ -94,7 +96,7 @@ def test_bundle_holds_the_grids_and_computes_the_dequantized_model(tiny_gguf, lo
     q = model.manifest.graph.quantization
     assert q["name"] == "gguf" and q["block"] == 32 and q["zero_point_correction"] is True
     assert q["formats"]["self_attn.v_proj"] == {"Q6_K": 1, "Q5_K": 1}
-    assert q["forms"]["Q6_K"] == "int8 block 16 (6-bit codes), zero point 32"
+    assert q["forms"]["Q6_K"] == "int8 block 16 (6-bit codes + 96), zero point 128"
 
     ids = [int(i) for i in np.random.default_rng(3).integers(3, 380, 90)]
     with torch.no_grad():
@@ -152,3 +154,38 @@ def test_int4_keeps_the_4_bit_blocks_and_lists_what_it_re_quantized(loaded, plan
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out / "model.onnx")).graph.initializer}
     gate_up = [grids.weights[f"model.layers.1.mlp.{p}_proj.weight"] for p in ("gate", "up")]  # both Q4_K in layer 1
     np.testing.assert_array_equal(inits["layer1.mlp.gate_up.qweight"], np.concatenate([w.packed for w in gate_up]))
+
+
+def test_an_adapter_on_the_gguf_grids_equals_peft_on_the_dequantized_model(loaded, tmp_path):
+    """Merge points on mixed grids: corrected projections carry their block sums, exact ones a zero
+    column; with an adapter bound the logits equal PEFT on the dequantized weights (accuracy level 0)."""
+    import copy
+
+    import peft
+
+    import jishi
+    from jishi.export.adapters import add_adapter
+    from jishi.pipeline import build
+
+    out = build(loaded, None, tmp_path / "b", context=128, evaluate=False, quiet=True, accuracy_level=0)
+    torch.manual_seed(7)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = peft.get_peft_model(copy.deepcopy(loaded.model),
+                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.05)
+    lora.save_pretrained(tmp_path / "alpha")
+    add_adapter(out, "alpha", tmp_path / "alpha")
+    m = jishi.load(out)
+    ids = list(range(5, 60))
+    with torch.no_grad():
+        plain = loaded.model(torch.tensor([ids])).logits[0].numpy()
+        adapted = lora.eval()(torch.tensor([ids])).logits[0].numpy()
+    scale = float(np.abs(plain).max())
+    np.testing.assert_allclose(m.engine.feed(ids, all_logits=True), plain, atol=1e-4 * scale, rtol=0)
+    m.engine.reset()
+    m.use_adapter("alpha")
+    np.testing.assert_allclose(m.engine.feed(ids, all_logits=True), adapted, atol=1e-4 * scale, rtol=0)
+    assert np.abs(adapted - plain).max() > 100 * 1e-4 * scale  # the adapter does change the output

@@ -28,6 +28,11 @@ from jishi.export.gguf_formats.common import GGUFFormat, bits_of, f16, rows
 from jishi.export.quant import from_codes, from_grid
 
 
+# Codes around a fixed offset are moved to MatMulNBits' default zero point, 2^(bits−1), so none is stored.
+SHIFT_3 = np.uint8(8 - 4)  # Q3_K: 0..7 around 4 → 4..11 around 8
+SHIFT_6 = np.uint8(128 - 32)  # Q6_K: 0..63 around 32 → 96..159 around 128
+
+
 def _two_bit_codes(qs: np.ndarray) -> np.ndarray:
     """qs (n, b, 64) → codes (n, b, 256) in value order, the layout Q2_K and Q3_K share."""
     halves = qs.reshape(*qs.shape[:-1], 2, 32)
@@ -70,7 +75,7 @@ def _q3_k(raw):
     high = bits_of(raw[..., 0:32], 8).reshape(*raw.shape[:-1], 256)
     codes = _two_bit_codes(raw[..., 32:96]) | (high << 2)
     scale = f16(raw, 108)[..., None] * _q3_scales(raw[..., 96:108])
-    return from_codes(rows(codes), rows(scale), 4, 4, 16)
+    return from_codes(rows(codes) + SHIFT_3, rows(scale), 8, 4, 16)
 
 
 def _q4_low(qs: np.ndarray) -> np.ndarray:
@@ -100,13 +105,13 @@ def _q6_k(raw):
     top = (qh[..., None, :] >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 3
     codes = (low | (top << 4)).reshape(*lead, 256)
     scales = np.ascontiguousarray(raw[..., 192:208]).view(np.int8).astype(np.float32)
-    return from_codes(rows(codes), rows(f16(raw, 208)[..., None] * scales), 32, 8, 16)
+    return from_codes(rows(codes) + SHIFT_6, rows(f16(raw, 208)[..., None] * scales), 128, 8, 16)
 
 
 FORMATS = (
     GGUFFormat("Q2_K", 256, 84, "int4 block 16 (2-bit codes), float minimum", _q2_k),
-    GGUFFormat("Q3_K", 256, 110, "int4 block 16 (3-bit codes), zero point 4", _q3_k),
+    GGUFFormat("Q3_K", 256, 110, "int4 block 16 (3-bit codes + 4), zero point 8", _q3_k),
     GGUFFormat("Q4_K", 256, 144, "int4 block 32, float minimum", _q4_k),
     GGUFFormat("Q5_K", 256, 176, "int8 block 32 (5-bit codes), float minimum", _q5_k),
-    GGUFFormat("Q6_K", 256, 210, "int8 block 16 (6-bit codes), zero point 32", _q6_k),
+    GGUFFormat("Q6_K", 256, 210, "int8 block 16 (6-bit codes + 96), zero point 128", _q6_k),
 )

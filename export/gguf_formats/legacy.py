@@ -15,6 +15,9 @@ from jishi.export.gguf_formats.common import GGUFFormat, f16, nibbles, rows
 from jishi.export.quant import from_codes, from_grid
 
 
+SHIFT_5 = np.uint8(128 - 16)  # Q5_0's codes 0..31 around 16, stored as 112..143 around 128 (MatMulNBits' default)
+
+
 def _fifth_bits(raw: np.ndarray, offset: int) -> np.ndarray:
     qh = np.ascontiguousarray(raw[..., offset:offset + 4]).view("<u4")
     return ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
@@ -30,7 +33,7 @@ def _q4_1(raw):
 
 def _q5_0(raw):
     codes = nibbles(raw[..., 6:22]) | (_fifth_bits(raw, 2) << 4)
-    return from_codes(rows(codes), f16(raw, 0), 16, 8, 32)
+    return from_codes(rows(codes) + SHIFT_5, f16(raw, 0), 128, 8, 32)
 
 
 def _q5_1(raw):
@@ -46,7 +49,7 @@ def _q8_0(raw):
 FORMATS = (
     GGUFFormat("Q4_0", 32, 18, "int4 block 32, zero point 8", _q4_0),
     GGUFFormat("Q4_1", 32, 20, "int4 block 32, float minimum", _q4_1),
-    GGUFFormat("Q5_0", 32, 22, "int8 block 32 (5-bit codes), zero point 16", _q5_0),
+    GGUFFormat("Q5_0", 32, 22, "int8 block 32 (5-bit codes + 112), zero point 128", _q5_0),
     GGUFFormat("Q5_1", 32, 24, "int8 block 32 (5-bit codes), float minimum", _q5_1),
     GGUFFormat("Q8_0", 32, 34, "int8 block 32, zero point 128", _q8_0),
 )
