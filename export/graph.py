@@ -202,7 +202,7 @@ class _Linear:
         inputs = [
             x,
             g.init(f"{name}.qweight", qw.packed),
-            g.init(f"{name}.scales", qw.scales.reshape(-1)),
+            _scales(g, r, f"{name}.scales", qw.scales.reshape(-1)),
         ]
         if not qw.default_zero_points():  # else MatMulNBits' own default, 2^(bits-1): nothing stored
             inputs.append(g.init(f"{name}.qzeros", qw.zero_points))
@@ -425,6 +425,18 @@ def _skip_norm(g: _Graph, x: str, residual: str, gamma: str, cfg: ModelConfig, n
     return out[0], out[3]
 
 
+def _scales(g: _Graph, recipe: QuantRecipe, name: str, scales: np.ndarray, out: str | None = None) -> str:
+    """The float32 scales of a MatMulNBits / GatherBlockQuantized input. A GGUF's block scales are fp16
+    values (Q4_0, Q5_0, Q8_0, Q4_1): stored as fp16, half the bytes, and widened by a Cast that
+    onnxruntime folds into a float32 initializer when it loads the graph, so the op reads the very
+    same values. Scales fp16 cannot hold exactly stay float32."""
+    scales = np.asarray(scales, np.float32)
+    if recipe.name == "gguf" and np.array_equal(scales.astype(np.float16).astype(np.float32), scales):
+        half = g.init(f"{name}.fp16", scales.astype(np.float16))
+        return g.op("Cast", [half], to=TensorProto.FLOAT, name=f"{name}/cast", outputs=[out or f"{name}/cast/out"])[0]
+    return g.init(out or name, scales)
+
+
 def _ready_table(prequantized: Mapping, key: str) -> QuantizedWeight | None:
     """The embedding's own grid when GatherBlockQuantized can read it (integer zero points, no correction)."""
     qw = prequantized.get(key)
@@ -449,10 +461,10 @@ def _embedding(g: _Graph, recipe: QuantRecipe, embed: np.ndarray, codes: Quantiz
     # along its last axis: a tied LM head then uses the very same initializer, one copy of the largest tensor.
     vocab, nb = codes.n, codes.k // codes.block
     if tied:  # one copy of the scales for both: the head's flat ones, shaped for the gather
-        scales = g.op("Reshape", [g.init("lm_head.scales", codes.scales.reshape(-1)),
+        scales = g.op("Reshape", [_scales(g, recipe, "lm_head.scales", codes.scales.reshape(-1), out="lm_head.scales"),
                                   g.init("shape.embed_scales", np.array([vocab, nb, 1], np.int64))], name="embed/scales")
     else:
-        scales = g.init("model.embed_tokens.scales", codes.scales.reshape(vocab, nb, 1))
+        scales = _scales(g, recipe, "model.embed_tokens.scales", codes.scales.reshape(vocab, nb, 1))
     inputs = [g.init("lm_head.qweight" if tied else "model.embed_tokens.qweight", codes.packed), "input_ids", scales]
     if not codes.default_zero_points():  # else GatherBlockQuantized's default, 2^(bits-1)
         inputs.append(g.init("model.embed_tokens.qzeros",
@@ -494,7 +506,7 @@ def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: b
         qw = (quantize_symmetric_int8(weight, recipe.block) if recipe.head_bits == 8
               else quantize_asymmetric(weight, 4, recipe.block, correct=False))
         packed = g.init("lm_head.qweight", qw.packed)
-    scales = "lm_head.scales" if tied else g.init("lm_head.scales", qw.scales.reshape(-1))  # tied: written by _embedding
+    scales = "lm_head.scales" if tied else _scales(g, recipe, "lm_head.scales", qw.scales.reshape(-1))  # tied: by _embedding
     inputs = [x, packed, scales]
     if not qw.default_zero_points():
         inputs.append(g.init("lm_head.qzeros", qw.zero_points))

@@ -116,6 +116,12 @@ def test_bundle_holds_the_grids_and_computes_the_dequantized_model(tiny_gguf, lo
     np.testing.assert_array_equal(inits["layer1.mlp.down.scales"],
                                   grids.weights["model.layers.1.mlp.down_proj.weight"].scales.reshape(-1))
     np.testing.assert_array_equal(inits["lm_head.qweight"], grids.weights["model.embed_tokens.weight"].packed)
+    # fp16 block scales (Q5_0 here, Q8_0 in the table) are stored as the file's fp16 values, once for a tied pair
+    o = grids.weights["model.layers.0.self_attn.o_proj.weight"]
+    assert inits["layer0.attn.o.scales.fp16"].dtype == np.float16
+    np.testing.assert_array_equal(inits["layer0.attn.o.scales.fp16"].astype(np.float32), o.scales.reshape(-1))
+    assert "lm_head.scales.fp16" in inits and "model.embed_tokens.scales" not in inits
+    assert not any(n.endswith("qzeros") and n.startswith(("lm_head", "layer0.attn.o")) for n in inits)
 
 
 def test_a_fused_gguf_projection_is_split_into_the_graphs_parts_unchanged():
