@@ -334,10 +334,9 @@ def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: in
         nll, agree = 0.0, 0.0
         for win, top in zip(wins, ref_top):
             model.engine.reset()
-            logits = model.engine.feed(win, all_logits=True).astype(np.float64)
-            m = logits.max(axis=-1, keepdims=True)
-            logz = (np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)) + m)[:, 0]
-            nll -= (logits[np.arange(len(win) - 1), win[1:]] - logz[:-1]).sum()
+            logits = model.engine.feed(win, all_logits=True)
+            logz = _logsumexp_rows(logits)
+            nll -= (logits[np.arange(len(win) - 1), win[1:]].astype(np.float64) - logz[:-1]).sum()
             agree += float((logits.argmax(-1) == top).mean())
             bar.update(1)
     n = sum(len(w) - 1 for w in wins)
@@ -349,6 +348,17 @@ def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: in
         "top1_agreement": round(agree / len(wins), 4),
         "accuracy_level": model.manifest.graph.quantization.get("accuracy_level"),
     }
+
+
+def _logsumexp_rows(logits: np.ndarray, rows: int = 32) -> np.ndarray:
+    """log Σ exp of each row in float64, a few rows at a time (a 262,144-token vocabulary makes a
+    512-token window's float64 copy a gigabyte)."""
+    out = np.empty(len(logits), np.float64)
+    for a in range(0, len(logits), rows):
+        x = logits[a:a + rows].astype(np.float64)
+        m = x.max(axis=-1, keepdims=True)
+        out[a:a + rows] = (np.log(np.exp(x - m).sum(axis=-1, keepdims=True)) + m)[:, 0]
+    return out
 
 
 def _versus_teacher(bundle_dir: Path, base, teacher, say, quiet: bool) -> dict | None:
