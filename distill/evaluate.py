@@ -12,9 +12,11 @@ def reference_stats(model, windows: list[list[int]], progress=None) -> tuple[lis
     logps, tops = [], []
     with torch.no_grad():
         for win in windows:
-            logits = model(torch.tensor([win])).logits[0].double()
-            lp = torch.log_softmax(logits, dim=-1)
-            logps.append(lp[torch.arange(len(win) - 1), torch.tensor(win[1:])].numpy())
+            logits = model(torch.tensor([win])).logits[0]
+            # log p in float64, a few rows at a time: a large vocabulary makes a window's float64 copy gigabytes
+            logz = torch.cat([torch.logsumexp(logits[a:a + 32].double(), dim=-1) for a in range(0, len(win), 32)])
+            picked = logits[torch.arange(len(win) - 1), torch.tensor(win[1:])].double()
+            logps.append((picked - logz[:-1]).numpy())
             tops.append(logits.argmax(-1).numpy())
             if progress:
                 progress(1)

@@ -1,62 +1,76 @@
-"""Read a Hugging Face Llama-family torch model into what the graph writer needs.
+"""Read a Hugging Face decoder torch model into what the graph writer needs.
 
 Duck-typed on the model (``.config``, ``.state_dict()``, ``.model.rotary_emb``):
-export/ never imports transformers itself.
+export/ never imports transformers itself. What differs by family is read from the
+features (``jishi.families``), never from the family's name.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from jishi.errors import BaseModelError
+from jishi.families import default_context, features_of
+from jishi.families import model_config as _model_config
 from jishi.runtime.manifest import ModelConfig
 
-FAMILIES = ("llama", "mistral", "qwen2")
+
+def model_config(hf_config, context: int | None = None) -> ModelConfig:
+    """The manifest's config of a transformers config; ``context`` defaults to min(2048, positions)."""
+    return _model_config(hf_config, context)
 
 
-def model_config(hf_config, context: int) -> ModelConfig:
-    family = getattr(hf_config, "model_type", None)
-    if family not in FAMILIES:
-        raise BaseModelError(
-            f"model family {family!r} is not supported by jishi's exporter; supported: {', '.join(FAMILIES)}"
-        )
-    heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    scaling = getattr(hf_config, "rope_scaling", None)
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("default", "linear", "llama3", "dynamic", None):
-        raise BaseModelError(f"rope scaling {scaling!r} is not supported by jishi's exporter")
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "dynamic":
-        raise BaseModelError("dynamic NTK rope scaling depends on the sequence length and is not supported")
-    max_pos = getattr(hf_config, "max_position_embeddings", context)
-    if context > max_pos:
-        raise BaseModelError(f"context {context} is longer than the model's {max_pos} positions; pass a smaller context")
-    window = getattr(hf_config, "sliding_window", None) if family != "llama" else None
-    if family == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
-        window = None
-    return ModelConfig(
-        family=family,
-        num_layers=hf_config.num_hidden_layers,
-        hidden_size=hf_config.hidden_size,
-        num_heads=heads,
-        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        intermediate_size=hf_config.intermediate_size,
-        vocab_size=hf_config.vocab_size,
-        context_length=context,
-        rope_theta=float(getattr(hf_config, "rope_theta", 10000.0)),
-        rms_norm_eps=float(hf_config.rms_norm_eps),
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        attention_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
-        rope_scaling=dict(scaling) if scaling else None,
-        sliding_window=int(window) if window and window < context else None,
-    )
+def numpy_weights(model, cfg: ModelConfig | None = None) -> dict[str, np.ndarray]:
+    """The state dict as float32 numpy, in the Llama layout: fused source projections
+    (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are split into their parts."""
+    weights = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    cfg = cfg or model_config(model.config, default_context(model.config))
+    return split_fused(weights, cfg)
 
 
-def numpy_weights(model) -> dict[str, np.ndarray]:
-    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+def split_fused(weights: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    feats = features_of(cfg)
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    out = {}
+    for key, w in weights.items():
+        if feats.fused_qkv and key.endswith("self_attn.qkv_proj.weight"):
+            stem = key[: -len("qkv_proj.weight")]
+            for t, part in zip("qkv", np.split(w, [q, q + kv], axis=0)):
+                out[f"{stem}{t}_proj.weight"] = np.ascontiguousarray(part)
+        elif feats.fused_qkv and key.endswith("self_attn.qkv_proj.bias"):
+            stem = key[: -len("qkv_proj.bias")]
+            for t, part in zip("qkv", np.split(w, [q, q + kv])):
+                out[f"{stem}{t}_proj.bias"] = np.ascontiguousarray(part)
+        elif feats.fused_gate_up and key.endswith("mlp.gate_up_proj.weight"):
+            stem = key[: -len("gate_up_proj.weight")]
+            gate, up = np.split(w, 2, axis=0)
+            out[f"{stem}gate_proj.weight"], out[f"{stem}up_proj.weight"] = np.ascontiguousarray(gate), np.ascontiguousarray(up)
+        else:
+            out[key] = w
+    return out
 
 
 def rotary(model) -> tuple[np.ndarray, float]:
     """The model's own inverse frequencies and attention scaling (rope scaling applied by transformers)."""
-    emb = model.model.rotary_emb
-    return emb.inv_freq.detach().double().cpu().numpy(), float(getattr(emb, "attention_scaling", 1.0))
+    return _table(model.model.rotary_emb, model.config, None)
+
+
+def rope_tables(model, cfg: ModelConfig) -> dict[str, tuple[np.ndarray, float]]:
+    """The rotary tables the graph uses: ``global`` always, ``local`` for models whose windowed
+    layers have their own rope base (Gemma 3's ``rotary_emb_local``).
+
+    Frequencies that depend on the length (longrope: short factors up to the original
+    positions, long ones beyond) are taken for the bundle's context, as transformers
+    computes them for a sequence of that length.
+    """
+    tables = {"global": _table(model.model.rotary_emb, model.config, cfg.context_length)}
+    local = getattr(model.model, "rotary_emb_local", None)
+    if features_of(cfg).local_rope_theta and local is not None:
+        tables["local"] = _table(local, getattr(local, "config", model.config), cfg.context_length)
+    return tables
+
+
+def _table(emb, config, context: int | None) -> tuple[np.ndarray, float]:
+    inv_freq, scaling = emb.inv_freq, float(getattr(emb, "attention_scaling", 1.0))
+    if context is not None and getattr(emb, "rope_type", "default") == "longrope":
+        inv_freq, scaling = emb.rope_init_fn(config, inv_freq.device, seq_len=context)
+    return inv_freq.detach().double().cpu().numpy(), float(scaling)

@@ -1,4 +1,4 @@
-"""Write a Llama-family decoder as an ONNX graph made for onnxruntime on a CPU.
+"""Write a decoder (any family of jishi.families) as an ONNX graph made for onnxruntime on a CPU.
 
 The graph is written node by node from the weights (no tracing), so that it
 uses onnxruntime's fused contrib ops where they exist:
@@ -32,11 +32,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from jishi.errors import BaseModelError
+from jishi.families import features_of
 from jishi.export.quant import (QuantizedWeight, concat_outputs, quantize_asymmetric, quantize_symmetric_int8,
                                unpack_zero_points)
 from jishi.runtime.manifest import ModelConfig
 
-QUANTS = ("int4", "int8", "fp16", "fp32")
+QUANTS = ("gguf", "int4", "int8", "fp16", "fp32")  # gguf: every tensor on its own GGUF grid (gguf_formats)
 OPSET = 21
 MS = "com.microsoft"
 
@@ -45,8 +46,8 @@ MS = "com.microsoft"
 class QuantRecipe:
     """How each kind of weight is stored; recorded in the manifest."""
 
-    name: str  # int4 | int8 | fp16 | fp32
-    block: int = 32
+    name: str  # gguf | int4 | int8 | fp16 | fp32
+    block: int = 32  # gguf: the block of the zero-point corrections' side path (the smallest corrected block)
     accuracy_level: int = 4  # MatMulNBits: int8 activations (fastest on CPU)
     zero_point_correction: bool = True  # int4: keep float block minima exactly
     merge_points: bool = False  # LoRA inputs on every fused projection (see _Linear)
@@ -55,6 +56,8 @@ class QuantRecipe:
 
     def as_dict(self) -> dict:
         d = {"name": self.name}
+        if self.name == "gguf":
+            d.update(block=self.block, accuracy_level=self.accuracy_level, zero_point_correction=self.zero_point_correction)
         if self.name in ("int4", "int8"):
             head = f"int{self.head_bits}"
             d.update(block=self.block, accuracy_level=self.accuracy_level, lm_head=head, embedding=head)
@@ -113,7 +116,9 @@ class _Linear:
         g, r = self.g, self.recipe
         w = np.concatenate(weights, axis=0) if len(weights) > 1 else weights[0]
         n, k = w.shape
-        if r.name in ("fp32", "fp16"):
+        if r.name == "gguf":
+            y, side = self._from_grids(x, [self.prequantized[key] for key in keys], name)
+        elif r.name in ("fp32", "fp16"):
             wt = np.ascontiguousarray(w.T)
             if r.name == "fp16":
                 wname = g.init(f"{name}.weight", wt.astype(np.float16))
@@ -154,14 +159,53 @@ class _Linear:
         low = g.op("MatMul", [x, a_name], name=f"{name}/side_a")
         return g.op("Gemm", [low, b_name, y], name=f"{name}/side_b")
 
+    def _from_grids(self, x: str, parts: list, name: str):
+        """y for weights that arrive ready (a GGUF's own grids: ``QuantizedWeight`` or float arrays), and the
+        side path of their zero-point corrections. Parts that share a form are fused into one MatMulNBits;
+        different forms (q in Q4_K, v in Q6_K) get one op each and their outputs are concatenated."""
+        g, r = self.g, self.recipe
+        groups: list[list] = []
+        for p in parts:
+            form = (p.bits, p.block) if isinstance(p, QuantizedWeight) else ("float", p.dtype)
+            if groups and groups[-1][0] == form:
+                groups[-1][1].append(p)
+            else:
+                groups.append([form, [p]])
+        outs = []
+        for i, (form, members) in enumerate(groups):
+            part = name if len(groups) == 1 else f"{name}.part{i}"
+            if form[0] == "float":
+                w = np.concatenate(members, axis=0) if len(members) > 1 else members[0]
+                wname = g.init(f"{part}.weight", np.ascontiguousarray(w.T))
+                if w.dtype == np.float16:
+                    wname = g.op("Cast", [wname], to=TensorProto.FLOAT, name=f"{part}/cast")
+                outs.append(g.op("MatMul", [x, wname], name=f"{part}/matmul"))
+            else:
+                outs.append(self._matmul_nbits(x, concat_outputs(members) if len(members) > 1 else members[0], part))
+        y = outs[0] if len(outs) == 1 else g.op("Concat", outs, axis=-1, name=f"{name}/concat")
+        if not r.zero_point_correction or all(not isinstance(p, QuantizedWeight) or p.correction is None for p in parts):
+            return y, None  # no correction here: no side path (or, with merge points, a one-row zero B)
+        k = parts[0].shape[1] if not isinstance(parts[0], QuantizedWeight) else parts[0].k
+        deltas = []
+        for p in parts:
+            rows = p.shape[0] if not isinstance(p, QuantizedWeight) else p.n
+            if isinstance(p, QuantizedWeight) and p.correction is not None:
+                if p.block % r.block:
+                    raise ValueError(f"{name}: a block of {p.block} cannot be corrected in blocks of {r.block}")
+                deltas.append(np.repeat(p.correction, p.block // r.block, axis=0))  # the same shift on each sub-block
+            else:
+                deltas.append(np.zeros((k // r.block, rows), np.float32))
+        return y, (block_sum_matrix(k, r.block), np.concatenate(deltas, axis=1))
+
     def _matmul_nbits(self, x: str, qw: QuantizedWeight, name: str) -> str:
         g, r = self.g, self.recipe
         inputs = [
             x,
             g.init(f"{name}.qweight", qw.packed),
-            g.init(f"{name}.scales", qw.scales.reshape(-1)),
-            g.init(f"{name}.qzeros", qw.zero_points),
+            _scales(g, r, f"{name}.scales", qw.scales.reshape(-1)),
         ]
+        if not qw.default_zero_points():  # else MatMulNBits' own default, 2^(bits-1): nothing stored
+            inputs.append(g.init(f"{name}.qzeros", qw.zero_points))
         return g.op(
             "MatMulNBits", inputs, domain=MS, name=f"{name}/matmul",
             K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block, accuracy_level=r.accuracy_level,
@@ -182,20 +226,29 @@ def block_sum_matrix(k: int, block: int) -> np.ndarray:
 def build_decoder(
     cfg: ModelConfig,
     weights: Mapping[str, np.ndarray],
-    inv_freq: np.ndarray,
+    inv_freq: np.ndarray | None,
     recipe: QuantRecipe,
     attention_scaling: float = 1.0,
     progress: Callable[[int], None] | None = None,
     prequantized: Mapping[str, QuantizedWeight] | None = None,
+    rope: Mapping[str, tuple[np.ndarray, float]] | None = None,
 ) -> onnx.ModelProto:
-    """The decoder graph of ``cfg`` with ``weights`` (Hugging Face Llama names, numpy).
+    """The decoder graph of ``cfg`` with ``weights`` (Hugging Face names in the Llama layout, numpy).
 
+    What differs between families comes from ``cfg.features`` (``jishi.families``):
+    norms, QK-norm, activation, scales, rotary dimension, windows per layer. ``rope`` holds
+    the rotary tables by name (``global``, and ``local`` for windowed layers with their own
+    base); without it, ``inv_freq`` and ``attention_scaling`` are the one table.
     ``prequantized`` maps weight names to int4 codes found elsewhere (GPTQ); those weights
     use them instead of round-to-nearest."""
     weights = _Tracked(weights)
+    feats = features_of(cfg)
     g = _Graph()
     lin = _Linear(g, recipe, prequantized)
     hd, nh, nkv, H = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size
+
+    def norm_weight(name: str) -> str:
+        return g.init(name, weights[name].astype(np.float32) + np.float32(feats.norm_offset))
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
@@ -210,37 +263,61 @@ def build_decoder(
             inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, kv_shape))
 
-    cos, sin = rope_caches(inv_freq, cfg.context_length, attention_scaling)
-    g.init("rope.cos", cos)
-    g.init("rope.sin", sin)
+    rope = dict(rope or {"global": (inv_freq, attention_scaling)})
+    tables = {}
+    for kind, (freqs, scaling) in rope.items():
+        if 2 * len(freqs) != (feats.rotary_dim or hd):
+            raise BaseModelError(f"the {kind} rotary table has {len(freqs)} frequencies, expected "
+                                 f"{(feats.rotary_dim or hd) // 2}; the model's rope settings contradict its head size")
+        cos, sin = rope_caches(freqs, cfg.context_length, scaling)
+        stem = "rope" if kind == "global" else f"rope.{kind}"
+        tables[kind] = (g.init(f"{stem}.cos", cos), g.init(f"{stem}.sin", sin))
 
     embed = weights["model.embed_tokens.weight"]
     lm_head = embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
     # The layers work on token rows (batch·seq × hidden): 2-D lets each zero-point
     # correction be one Gemm. Attention alone needs (batch, seq, features).
     head_codes = None
-    if recipe.name in ("int4", "int8"):
+    if recipe.name == "gguf":
+        head_codes = _ready_table(prequantized or {}, "model.embed_tokens.weight")
+        ready = (prequantized or {}).get("model.embed_tokens.weight")
+        if head_codes is None and isinstance(ready, QuantizedWeight):
+            raise ValueError("the embedding's grid needs a zero-point correction; re-quantize it before the graph")
+        if head_codes is None and ready is not None:
+            embed = ready  # a float table, kept in its own precision
+    elif recipe.name in ("int4", "int8"):
         head_codes = (quantize_symmetric_int8(embed, recipe.block) if recipe.head_bits == 8
                       else quantize_asymmetric(embed, 4, recipe.block, correct=False))
     rows = g.op("Reshape", [_embedding(g, recipe, embed, head_codes, cfg.tie_word_embeddings),
                             g.init("shape.rows", np.array([-1, H], np.int64))], name="embed/rows")
+    if feats.embedding_scale != 1.0:
+        rows = g.op("Mul", [rows, g.init("embed.scale", np.array(feats.embedding_scale, np.float32))], name="embed/scale")
     hidden = rows
     ids_shape = g.op("Shape", ["input_ids"], name="ids_shape")
     qkv_width = (nh + 2 * nkv) * hd
     qkv_shape = g.op("Concat", [ids_shape, g.init("shape.qkv", np.array([qkv_width], np.int64))], axis=0, name="qkv_shape")
+    if feats.qk_norm:
+        q_shape = g.op("Concat", [ids_shape, g.init("shape.q", np.array([nh * hd], np.int64))], axis=0, name="q_shape")
+        kv_shape_t = g.op("Concat", [ids_shape, g.init("shape.kv", np.array([nkv * hd], np.int64))], axis=0, name="kv_shape")
+        head_rows = g.init("shape.head_rows", np.array([-1, hd], np.int64))
+        qkv_split = g.init("split.qkv", np.array([nh * hd, nkv * hd, nkv * hd], np.int64))
     attn_rows = g.init("shape.attn_rows", np.array([-1, nh * hd], np.int64))
+    scale = feats.attention_scale or 1.0 / math.sqrt(hd)
+    activation = ACTIVATIONS[feats.activation]
+
+    def plain_norm(x: str, gamma: str, name: str) -> str:
+        return g.op("SimplifiedLayerNormalization", [x, gamma], axis=-1, epsilon=cfg.rms_norm_eps, name=name)
 
     residual = None
     x = None
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        ln_in = weights[p + "input_layernorm.weight"].astype(np.float32)
+        ln_in = norm_weight(p + "input_layernorm.weight")
         if residual is None:
-            x = g.op("SimplifiedLayerNormalization", [hidden, g.init(p + "input_layernorm.weight", ln_in)],
-                     axis=-1, epsilon=cfg.rms_norm_eps, name=f"layer{i}/ln_in")
+            x = plain_norm(hidden, ln_in, f"layer{i}/ln_in")
             residual = hidden
         else:
-            x, residual = _skip_norm(g, x, residual, g.init(p + "input_layernorm.weight", ln_in), cfg, f"layer{i}/ln_in")
+            x, residual = _skip_norm(g, x, residual, ln_in, cfg, f"layer{i}/ln_in")
 
         a = p + "self_attn."
         bias = None
@@ -248,35 +325,64 @@ def build_decoder(
             bias = np.concatenate([weights[a + f"{t}_proj.bias"] for t in "qkv"])
         qkv = lin(x, [weights[a + f"{t}_proj.weight"] for t in "qkv"], f"layer{i}.attn.qkv", bias=bias,
                   keys=[a + f"{t}_proj.weight" for t in "qkv"])
-        qkv = g.op("Reshape", [qkv, qkv_shape], name=f"layer{i}/attn/in")
+        if feats.qk_norm:
+            # RMSNorm over each head of q and k (rows × heads·hd → rows·heads × hd), before rotary.
+            q, k, v = g.op("Split", [qkv, qkv_split], n_out=3, axis=-1, name=f"layer{i}/attn/split")
+            qk = []
+            for t, src, shape in (("q", q, q_shape), ("k", k, kv_shape_t)):
+                heads = g.op("Reshape", [src, head_rows], name=f"layer{i}/attn/{t}_heads")
+                normed = plain_norm(heads, norm_weight(a + f"{t}_norm.weight"), f"layer{i}/attn/{t}_norm")
+                qk.append(g.op("Reshape", [normed, shape], name=f"layer{i}/attn/{t}_in"))
+            attn_in = [*qk, g.op("Reshape", [v, kv_shape_t], name=f"layer{i}/attn/v_in")]
+        else:
+            attn_in = [g.op("Reshape", [qkv, qkv_shape], name=f"layer{i}/attn/in"), "", ""]
+        window = feats.layer_windows[i] if i < len(feats.layer_windows) else None
+        cos, sin = tables["local" if window and "local" in tables else "global"]
+        extra = {"softcap": feats.attn_logit_softcap} if feats.attn_logit_softcap else {}
         attn, _, _ = g.op(
             "GroupQueryAttention",
-            [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", "rope.cos", "rope.sin"],
+            [*attn_in, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", cos, sin],
             domain=MS, name=f"layer{i}/attn", outputs=[f"layer{i}/attn/out", f"present_key.{i}", f"present_value.{i}"],
-            num_heads=nh, kv_num_heads=nkv, scale=1.0 / math.sqrt(hd), do_rotary=1, rotary_interleaved=0,
-            local_window_size=cfg.sliding_window or -1,
+            num_heads=nh, kv_num_heads=nkv, scale=scale, do_rotary=1, rotary_interleaved=0,
+            # local_window_size = the config's sliding_window gives transformers' masks (checked on tiny Gemma 3
+            # and Mistral models past the window).
+            local_window_size=window if window else -1, **extra,
         )
         attn = g.op("Reshape", [attn, attn_rows], name=f"layer{i}/attn/rows")
         o = lin(attn, [weights[a + "o_proj.weight"]], f"layer{i}.attn.o", keys=[a + "o_proj.weight"])
+        if feats.post_attention_norm:
+            o = plain_norm(o, norm_weight(p + feats.post_attention_norm + ".weight"), f"layer{i}/ln_attn_out")
 
-        ln_post = g.init(p + "post_attention_layernorm.weight", weights[p + "post_attention_layernorm.weight"].astype(np.float32))
-        x, residual = _skip_norm(g, o, residual, ln_post, cfg, f"layer{i}/ln_post")
+        x, residual = _skip_norm(g, o, residual, norm_weight(p + feats.pre_mlp_norm + ".weight"), cfg, f"layer{i}/ln_post")
 
         m = p + "mlp."
         gate_up = lin(x, [weights[m + "gate_proj.weight"], weights[m + "up_proj.weight"]], f"layer{i}.mlp.gate_up",
                       keys=[m + "gate_proj.weight", m + "up_proj.weight"])
         gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2, name=f"layer{i}/mlp/split")
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"layer{i}/mlp/sigmoid")], name=f"layer{i}/mlp/silu")
+        act = activation(g, gate, f"layer{i}/mlp/{feats.activation}")
         x = lin(g.op("Mul", [act, up], name=f"layer{i}/mlp/gated"), [weights[m + "down_proj.weight"]], f"layer{i}.mlp.down",
                 keys=[m + "down_proj.weight"])
+        if feats.post_mlp_norm:
+            x = plain_norm(x, norm_weight(p + feats.post_mlp_norm + ".weight"), f"layer{i}/ln_mlp_out")
         if progress:
             progress(1)
 
-    normed, _ = _skip_norm(g, x, residual, g.init("model.norm.weight", weights["model.norm.weight"].astype(np.float32)), cfg, "final_norm")
+    # The final norm, then the LM head on the rows asked for.
+    normed, _ = _skip_norm(g, x, residual, norm_weight("model.norm.weight"), cfg, "final_norm")
     picked = g.op("Gather", [normed, "logits_index"], axis=0, name="pick_rows")
-    _lm_head(g, recipe, picked, lm_head, tied=cfg.tie_word_embeddings, tied_codes=head_codes)
+    head_ready = None
+    if recipe.name == "gguf" and not cfg.tie_word_embeddings:
+        head_ready = (prequantized or {}).get("lm_head.weight")
+    cap = feats.final_logit_softcap
+    _lm_head(g, recipe, picked, lm_head, tied=cfg.tie_word_embeddings, tied_codes=head_codes, ready=head_ready,
+             out="logits/raw" if cap else "logits")
+    if cap:  # logits = cap · tanh(logits / cap)
+        c = g.init("logits.softcap", np.array(cap, np.float32))
+        capped = g.op("Tanh", [g.op("Div", ["logits/raw", c], name="softcap/div")], name="softcap/tanh")
+        g.op("Mul", [capped, c], name="softcap/mul", outputs=["logits"])
 
     unused = sorted(k for k in set(weights) - weights.used if not k.endswith("rotary_emb.inv_freq")
+                    and not k.endswith("rotary_emb_local.inv_freq")
                     and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
     if unused:
         raise BaseModelError(
@@ -287,6 +393,18 @@ def build_decoder(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
     model.ir_version = 10
     return model
+
+
+def _silu(g: _Graph, x: str, name: str) -> str:
+    return g.op("Mul", [x, g.op("Sigmoid", [x], name=f"{name}/sigmoid")], name=name)
+
+
+def _gelu_tanh(g: _Graph, x: str, name: str) -> str:
+    # FastGelu is GELU's tanh approximation, as transformers' gelu_pytorch_tanh.
+    return g.op("FastGelu", [x], domain=MS, name=name)
+
+
+ACTIVATIONS = {"silu": _silu, "gelu_tanh": _gelu_tanh}
 
 
 class _Tracked(dict):
@@ -307,48 +425,92 @@ def _skip_norm(g: _Graph, x: str, residual: str, gamma: str, cfg: ModelConfig, n
     return out[0], out[3]
 
 
+def _scales(g: _Graph, recipe: QuantRecipe, name: str, scales: np.ndarray, out: str | None = None) -> str:
+    """The float32 scales of a MatMulNBits / GatherBlockQuantized input. A GGUF's block scales are fp16
+    values (Q4_0, Q5_0, Q8_0, Q4_1): stored as fp16, half the bytes, and widened by a Cast that
+    onnxruntime folds into a float32 initializer when it loads the graph, so the op reads the very
+    same values. Scales fp16 cannot hold exactly stay float32."""
+    scales = np.asarray(scales, np.float32)
+    if recipe.name == "gguf" and np.array_equal(scales.astype(np.float16).astype(np.float32), scales):
+        half = g.init(f"{name}.fp16", scales.astype(np.float16))
+        return g.op("Cast", [half], to=TensorProto.FLOAT, name=f"{name}/cast", outputs=[out or f"{name}/cast/out"])[0]
+    return g.init(out or name, scales)
+
+
+def _ready_table(prequantized: Mapping, key: str) -> QuantizedWeight | None:
+    """The embedding's own grid when GatherBlockQuantized can read it (integer zero points, no correction)."""
+    qw = prequantized.get(key)
+    if isinstance(qw, QuantizedWeight) and qw.correction is None:
+        return qw
+    return None
+
+
+def _float_dtype(recipe: QuantRecipe, table: np.ndarray):
+    if recipe.name == "gguf":
+        return np.float16 if table.dtype == np.float16 else np.float32
+    return np.float16 if recipe.name == "fp16" else np.float32
+
+
 def _embedding(g: _Graph, recipe: QuantRecipe, embed: np.ndarray, codes: QuantizedWeight | None, tied: bool) -> str:
     if codes is None:
-        table = g.init("model.embed_tokens.weight", embed.astype(np.float16 if recipe.name == "fp16" else np.float32))
+        half = _float_dtype(recipe, embed) == np.float16
+        table = g.init("model.embed_tokens.weight", embed.astype(np.float16 if half else np.float32))
         rows = g.op("Gather", [table, "input_ids"], axis=0, name="embed")
-        return g.op("Cast", [rows], to=TensorProto.FLOAT, name="embed/cast") if recipe.name == "fp16" else rows
+        return g.op("Cast", [rows], to=TensorProto.FLOAT, name="embed/cast") if half else rows
     # The codes in MatMulNBits' layout (vocab, blocks, bytes per block), which GatherBlockQuantized reads
     # along its last axis: a tied LM head then uses the very same initializer, one copy of the largest tensor.
     vocab, nb = codes.n, codes.k // codes.block
-    inputs = [
-        g.init("lm_head.qweight" if tied else "model.embed_tokens.qweight", codes.packed),
-        "input_ids",
-        g.init("model.embed_tokens.scales", codes.scales.reshape(vocab, nb, 1)),
-        g.init("model.embed_tokens.qzeros", unpack_zero_points(codes.zero_points, codes.bits, vocab, nb).reshape(vocab, nb, 1)),
-    ]
+    if tied:  # one copy of the scales for both: the head's flat ones, shaped for the gather
+        scales = g.op("Reshape", [_scales(g, recipe, "lm_head.scales", codes.scales.reshape(-1), out="lm_head.scales"),
+                                  g.init("shape.embed_scales", np.array([vocab, nb, 1], np.int64))], name="embed/scales")
+    else:
+        scales = _scales(g, recipe, "model.embed_tokens.scales", codes.scales.reshape(vocab, nb, 1))
+    inputs = [g.init("lm_head.qweight" if tied else "model.embed_tokens.qweight", codes.packed), "input_ids", scales]
+    if not codes.default_zero_points():  # else GatherBlockQuantized's default, 2^(bits-1)
+        inputs.append(g.init("model.embed_tokens.qzeros",
+                             unpack_zero_points(codes.zero_points, codes.bits, vocab, nb).reshape(vocab, nb, 1)))
     return g.op("GatherBlockQuantized", inputs, domain=MS, name="embed", gather_axis=0, quantize_axis=2,
                 block_size=codes.block, bits=codes.bits)
 
 
 def _lm_head(g: _Graph, recipe: QuantRecipe, x: str, weight: np.ndarray, tied: bool,
-             tied_codes: QuantizedWeight | None = None) -> None:
-    if recipe.name in ("fp32", "fp16"):
+             tied_codes: QuantizedWeight | None = None, ready=None, out: str = "logits") -> None:
+    """``ready``: an untied head's own grid (gguf), a QuantizedWeight or a float array."""
+    if recipe.name == "gguf" and not tied and isinstance(ready, np.ndarray):
+        weight = ready
+    floats = (recipe.name in ("fp32", "fp16") or (recipe.name == "gguf" and (
+        tied_codes is None if tied else not isinstance(ready, QuantizedWeight))))
+    if floats:
+        half = (_float_dtype(recipe, weight) == np.float16) if recipe.name == "gguf" else recipe.name == "fp16"
         if tied:
             # Gemm with transB reads the embedding table as it is: one copy of the largest tensor.
             table = "model.embed_tokens.weight"
-            if recipe.name == "fp16":
+            if half:
                 table = g.op("Cast", [table], to=TensorProto.FLOAT, name="lm_head/cast")
-            g.op("Gemm", [x, table], transB=1, name="lm_head/gemm", outputs=["logits"])
+            g.op("Gemm", [x, table], transB=1, name="lm_head/gemm", outputs=[out])
             return
         wt = np.ascontiguousarray(weight.T)
-        w = g.init("lm_head.weight", wt.astype(np.float16 if recipe.name == "fp16" else np.float32))
-        if recipe.name == "fp16":
+        w = g.init("lm_head.weight", wt.astype(np.float16 if half else np.float32))
+        if half:
             w = g.op("Cast", [w], to=TensorProto.FLOAT, name="lm_head/cast")
-        g.op("MatMul", [x, w], name="lm_head/matmul", outputs=["logits"])
+        g.op("MatMul", [x, w], name="lm_head/matmul", outputs=[out])
         return
     if tied:
         qw, packed = tied_codes, "lm_head.qweight"  # written by _embedding
+    elif isinstance(ready, QuantizedWeight):
+        qw = ready
+        if qw.correction is not None:
+            raise ValueError("the LM head's grid needs a zero-point correction; re-quantize it before the graph")
+        packed = g.init("lm_head.qweight", qw.packed)
     else:
         qw = (quantize_symmetric_int8(weight, recipe.block) if recipe.head_bits == 8
               else quantize_asymmetric(weight, 4, recipe.block, correct=False))
         packed = g.init("lm_head.qweight", qw.packed)
-    inputs = [x, packed, g.init("lm_head.scales", qw.scales.reshape(-1)), g.init("lm_head.qzeros", qw.zero_points)]
-    g.op("MatMulNBits", inputs, domain=MS, name="lm_head/matmul", outputs=["logits"],
+    scales = "lm_head.scales" if tied else _scales(g, recipe, "lm_head.scales", qw.scales.reshape(-1))  # tied: by _embedding
+    inputs = [x, packed, scales]
+    if not qw.default_zero_points():
+        inputs.append(g.init("lm_head.qzeros", qw.zero_points))
+    g.op("MatMulNBits", inputs, domain=MS, name="lm_head/matmul", outputs=[out],
          K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block, accuracy_level=recipe.accuracy_level)
 
 

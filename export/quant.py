@@ -40,6 +40,11 @@ class QuantizedWeight:
     zero_points: np.ndarray  # uint8, packed as MatMulNBits wants
     correction: np.ndarray | None  # float32 (k/block, n), or None when exact without it
 
+    def default_zero_points(self) -> bool:
+        """Whether every zero point is MatMulNBits' default, 2^(bits−1): the input can then be left out."""
+        nb = self.k // self.block
+        return bool((unpack_zero_points(self.zero_points, self.bits, self.n, nb) == 1 << (self.bits - 1)).all())
+
     def dequantize(self) -> np.ndarray:
         """The weight this stands for, (n, k) float32, correction included."""
         q = unpack(self.packed, self.bits, self.n, self.k)
@@ -199,10 +204,32 @@ def from_grid(codes: np.ndarray, scale: np.ndarray, lo: np.ndarray, bits: int, b
         raise ValueError("codes, scales and minima do not describe one block grid")
     scale = np.asarray(scale, dtype=np.float32)
     lo = np.asarray(lo, dtype=np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    safe = np.where(scale != 0, scale, 1.0).astype(np.float32)
     zp_float = -lo / safe
     zp = np.clip(np.rint(zp_float), 0, qmax)
     correction = (scale * (zp - zp_float)).astype(np.float32)
-    correction = np.where(scale > 0, correction, lo).T.copy()
+    correction = np.where(scale != 0, correction, lo).T.copy()
     return QuantizedWeight(bits=bits, block=block, n=n, k=k, packed=pack(codes, bits, block), scales=scale,
                            zero_points=pack_zero_points(zp.astype(np.uint8), bits), correction=correction)
+
+
+def from_codes(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int, block: int) -> QuantizedWeight:
+    """MatMulNBits form of weights on a grid with an *integer* zero point ``w = scale·(q − zp)``: exact,
+    no correction (Q4_0, Q8_0, Q6_K and the other GGUF types whose offset is a fixed code)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    n, k = codes.shape
+    zero_point = np.broadcast_to(np.asarray(zero_point, dtype=np.uint8), (n, k // block))
+    if k % block or scale.shape != (n, k // block) or codes.max(initial=0) > (1 << bits) - 1:
+        raise ValueError("codes, scales and zero points do not describe one block grid")
+    return QuantizedWeight(bits=bits, block=block, n=n, k=k, packed=pack(codes, bits, block),
+                           scales=np.asarray(scale, dtype=np.float32),
+                           zero_points=pack_zero_points(np.ascontiguousarray(zero_point), bits), correction=None)
+
+
+def take_rows(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
+    """Output rows ``start:stop`` of a weight (a fused q/k/v or gate/up split into its parts), unchanged."""
+    nb = qw.k // qw.block
+    zp = unpack_zero_points(qw.zero_points, qw.bits, qw.n, nb)[start:stop]
+    return QuantizedWeight(bits=qw.bits, block=qw.block, n=stop - start, k=qw.k, packed=qw.packed[start:stop].copy(),
+                           scales=qw.scales[start:stop].copy(), zero_points=pack_zero_points(np.ascontiguousarray(zp), qw.bits),
+                           correction=None if qw.correction is None else qw.correction[:, start:stop].copy())

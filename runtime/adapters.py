@@ -40,11 +40,13 @@ def _offsets(cfg: ModelConfig, group: str) -> dict[str, int]:
     return out
 
 
-def default_a_inputs(cfg: ModelConfig, merge_points: dict) -> dict[str, np.ndarray]:
+def default_a_inputs(cfg: ModelConfig, merge_points: dict, b_rows: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """The A input of every merge point when no adapter uses it: one shared array per input size.
 
     int4 bundles: the 0/1 block-membership matrix of the zero-point correction; others: a
-    zero column (their B default is a zero row).
+    zero column (their B default is a zero row). ``b_rows`` (B default's rows, by input name, as
+    the graph stores them) picks per projection: a projection with no correction (a GGUF tensor
+    whose zero point is an integer) has a one-row B and takes the zero column.
     """
     block = int(merge_points.get("block", 32))
     sums = merge_points.get("a_default") == "block_sums"
@@ -54,10 +56,13 @@ def default_a_inputs(cfg: ModelConfig, merge_points: dict) -> dict[str, np.ndarr
     for layer in range(cfg.num_layers):
         for group, targets in GROUPS.items():
             k = shapes[targets[0]][0]
-            if k not in shared:
-                shared[k] = (np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32)) if sums
-                             else np.zeros((k, 1), np.float32))
-            out[f"lora.layer{layer}.{group}.a"] = shared[k]
+            name = f"lora.layer{layer}.{group}"
+            with_sums = sums and (b_rows or {}).get(f"{name}.b", k // block) != 1
+            key = (k, with_sums)
+            if key not in shared:
+                shared[key] = (np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32)) if with_sums
+                               else np.zeros((k, 1), np.float32))
+            out[f"{name}.a"] = shared[key]
     return out
 
 

@@ -129,6 +129,9 @@ def open_bundle(root: str | Path, verify_hashes: bool = True, key: str | Path | 
         if name not in manifest.files:
             raise BundleError(f"the manifest refers to {name!r} but does not list it among its files")
         check_external_data(root / name, root, set(manifest.files))
+    from jishi.runtime.graph_shapes import check_config_against_graph
+
+    check_config_against_graph(manifest.config, root / manifest.graph.file)
     return Bundle(root=root, manifest=with_added(manifest, added), manifest_bytes=raw, added=tuple(added))
 
 

@@ -5,6 +5,23 @@ from __future__ import annotations
 from jishi.runtime.settings import for_this_machine
 
 
+_FORMAT_KEYS = ("formats", "forms", "requantized")
+
+
+def _formats(q: dict) -> list[tuple[str, str]]:
+    """A GGUF base's tensor types per group, how each is stored, and what was re-quantized."""
+    rows = []
+    for group, counts in (q.get("formats") or {}).items():
+        rows.append((f"  {group}", ", ".join(f"{t} x{n}" for t, n in counts.items())))
+    if rows:
+        rows.insert(0, ("tensor formats", "(GGUF type x tensors, per group)"))
+    for t, form in (q.get("forms") or {}).items():
+        rows.append((f"  {t}", f"kept as {form}"))
+    for group, counts in (q.get("requantized") or {}).items():
+        rows.append((f"  re-quantized", f"{group}: " + ", ".join(f"{t} x{n}" for t, n in counts.items())))
+    return rows
+
+
 def describe(bundle) -> str:
     m = bundle.manifest
     c = m.config
@@ -16,16 +33,20 @@ def describe(bundle) -> str:
         ("size", f"{bundle.size / 1e6:.1f} MB in {len(m.files)} files"),
         ("model", f"{c.family}, {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads "
                   f"({c.num_kv_heads} KV), vocab {c.vocab_size}"),
-        ("quantization", ", ".join(f"{k}={v}" for k, v in q.items())),
+        ("quantization", ", ".join(f"{k}={v}" for k, v in q.items() if k not in _FORMAT_KEYS)),
         ("context", f"{c.context_length} tokens"),
         ("base", f"{m.provenance.get('base')} ({m.provenance.get('base_source')}, sha256 "
                  f"{(m.provenance.get('base_sha256') or '-')[:12]})"),
+        ("licence", m.provenance.get("base_license") or "not recorded (see the base model's own terms)"),
+        ("chat template", "yes" + (" (given at build)" if m.provenance.get("chat_template") else "")
+         if m.tokenizer.chat_template else "none: a pretrained base; send plain prompts or give one with --chat-template FILE"),
         ("signed", "yes" if bundle.signed else "no"),
         ("merge points", (f"{', '.join(m.merge_points['targets'])}, any rank"
                           + (f" (in {m.merge_points['graph']}, opened when an adapter is used)" if m.merge_points.get("graph") else ""))
                          if m.merge_points else "none (built with --no-merge-points)"),
         ("adapters", ", ".join(a["name"] + (" (delivered)" if a.get("delivered") else "") for a in m.adapters) or "none"),
     ]
+    rows += _formats(q)
     d = m.provenance.get("distilled")
     if d:
         teacher, plan = d.get("teacher") or {}, d.get("plan") or {}

@@ -20,7 +20,7 @@ SIGNATURE = "manifest.sig"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # llama | qwen2 | mistral
+    family: str  # llama | mistral | qwen2 | qwen3 | gemma3 | phi3 (jishi.families)
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -34,7 +34,11 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool = False
     rope_scaling: dict | None = None
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the widest sliding window of any layer (features say which layers)
+    model_type: str | None = None  # the transformers model_type the bundle was built from
+    # The graph's architecture features (norms, QK-norm, rotary dim, windows per layer, scales):
+    # jishi.families.Features as a dict; absent in bundles of the Llama layout written before.
+    features: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,9 @@ class Manifest:
                 f"bundle format version {version!r} is not supported by this jishi (it reads version "
                 f"{FORMAT_VERSION}); upgrade jishi or rebuild the bundle with this version"
             )
+        from jishi.runtime.manifest_schema import check_manifest_body
+
+        check_manifest_body(body)
         try:
             return cls(
                 name=_typed(body, "name", str),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -95,10 +95,15 @@ def check_fits(bundle: Bundle, context: int) -> None:
 
 class Model:
     def __init__(self, bundle: Bundle, threads: int | None = None, context: int | None = None, force: bool = False,
-                 adapters: bool = False):
+                 adapters: bool = False, chat_template: str | None = None):
         """``adapters=True`` opens the graph with merge points straight away (a server that will
-        switch adapters); otherwise it is opened the first time an adapter is used."""
+        switch adapters); otherwise it is opened the first time an adapter is used. ``chat_template``
+        (Jinja text) replaces the bundle's own, or gives one to a bundle that has none."""
         m = bundle.manifest
+        if chat_template is not None:
+            if not isinstance(chat_template, str) or not chat_template.strip():
+                raise BundleError("chat_template must be the template's text (a non-empty string)")
+            m = replace(m, tokenizer=replace(m.tokenizer, chat_template=chat_template))
         self.bundle = bundle
         self.manifest = m
         self.name = m.name
@@ -134,8 +139,15 @@ class Model:
         if self.has_merge_points:
             from jishi.runtime.adapters import default_a_inputs
 
-            base_inputs = default_a_inputs(m.config, m.merge_points)
+            base_inputs = default_a_inputs(m.config, m.merge_points, self._b_rows(graph_file))
         return Engine(session, m.config, self.context, base_inputs)
+
+    def _b_rows(self, graph_file: str) -> dict[str, int]:
+        """Rows of each merge point's stored B default (1: no correction there, its A default is a zero column)."""
+        from jishi.runtime.graph_shapes import graph_shapes
+
+        _, _, inits = graph_shapes(self.bundle.path(graph_file).read_bytes())
+        return {n: d[0] for n, d in inits.items() if n.startswith("lora.") and n.endswith(".b") and d}
 
     @property
     def has_merge_points(self) -> bool:
@@ -161,7 +173,7 @@ class Model:
             if self._defaults is None:
                 from jishi.runtime.adapters import default_a_inputs
 
-                self._defaults = {**default_a_inputs(self.manifest.config, mp),
+                self._defaults = {**default_a_inputs(self.manifest.config, mp, self._b_rows(mp.get("graph") or self.manifest.graph.file)),
                                   **float_initializers(self.bundle, "lora.", mp.get("graph"))}
             params = read_adapter_file(self.bundle.path(entry["file"]))
             self._adapters[name] = build_adapter(name, params, self.manifest.config, tuple(mp.get("targets", ())))
@@ -239,14 +251,15 @@ class Model:
         self.use_adapter(adapter)
         return Stream(self._generate(ids, max_new_tokens, params, normalize_stops(stop), seed))
 
-    def chat(self, messages: list[dict], **kwargs) -> Result:
-        return self.generate(self.chat_prompt(messages), chat=True, **kwargs)
+    def chat(self, messages: list[dict], template_vars: dict | None = None, **kwargs) -> Result:
+        """``template_vars`` go to the chat template as they are, e.g. ``{"enable_thinking": False}`` (Qwen3)."""
+        return self.generate(self.chat_prompt(messages, template_vars), chat=True, **kwargs)
 
-    def chat_stream(self, messages: list[dict], **kwargs) -> Stream:
-        return self.stream(self.chat_prompt(messages), chat=True, **kwargs)
+    def chat_stream(self, messages: list[dict], template_vars: dict | None = None, **kwargs) -> Stream:
+        return self.stream(self.chat_prompt(messages, template_vars), chat=True, **kwargs)
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def chat_prompt(self, messages: list[dict], template_vars: dict | None = None) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **(template_vars or {}))
 
     def count_tokens(self, text: str, chat: bool = False) -> int:
         return len(self.tokenizer.encode(text, bos=False if chat else None))
@@ -303,5 +316,6 @@ class Model:
 
 
 def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False,
-         adapters: bool = False) -> Model:
-    return Model(open_bundle(resolve_bundle(bundle)), threads=threads, context=context, force=force, adapters=adapters)
+         adapters: bool = False, chat_template: str | None = None) -> Model:
+    return Model(open_bundle(resolve_bundle(bundle)), threads=threads, context=context, force=force, adapters=adapters,
+                 chat_template=chat_template)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from jishi.errors import BundleError, JishiError
 from jishi.runtime.manifest import TokenizerInfo
+
+
+NO_TEMPLATE = ('this bundle has no chat template (its base is a pretrained model, not a chat model): send plain prompts (`jishi run --raw`, generate()), or give a template: `jishi build --chat-template FILE`, `jishi chat/serve --chat-template FILE`, or jishi.load(..., chat_template=TEXT)')
 
 
 class Tokenizer:
@@ -33,9 +38,12 @@ class Tokenizer:
         self.eos_ids = frozenset(info.eos_token_ids)
         self._template = None
         if info.chat_template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            # The environment Hugging Face chat templates are written for: {% break %} / {% continue %},
+            # raise_exception, strftime_now, and a tojson that keeps non-ASCII text as it is.
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
             env.globals["raise_exception"] = _raise
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            env.filters["tojson"] = _tojson
             try:
                 self._template = env.from_string(info.chat_template)
             except TemplateError as e:
@@ -59,12 +67,14 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> "ChatPrompt":
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **variables) -> "ChatPrompt":
         """The prompt text for these messages. It is a ``ChatPrompt``: a str that remembers which
         of its special tokens the template wrote, so that ``encode`` does not turn text such as
-        "<|im_end|>" typed in a message into a control token."""
+        "<|im_end|>" typed in a message into a control token. ``variables`` are passed to the
+        template as they are (e.g. Qwen3's ``enable_thinking=False``)."""
         if self._template is None:
-            raise JishiError("this bundle has no chat template; use generate() with a plain prompt")
+            raise JishiError(NO_TEMPLATE)
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
@@ -76,7 +86,7 @@ class Tokenizer:
 
         pattern = re.compile(f"{self._specials.pattern}|{_MARK}" if self._specials else _MARK)
         escaped = [{**m, "content": pattern.sub(mark, m["content"])} for m in messages]
-        rendered = self._render(escaped, add_generation_prompt)
+        rendered = self._render(escaped, add_generation_prompt, variables)
         # Split at the special tokens the template wrote; put the typed text back in between.
         chunks: list[tuple[str, bool]] = []
         at = 0
@@ -100,9 +110,10 @@ class Tokenizer:
                 ids.extend(self._plain.encode(text, add_special_tokens=False).ids)
         return ids
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, variables: dict | None = None) -> str:
         try:
             return self._template.render(
+                **(variables or {}),
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.info.bos_token or "",
@@ -141,6 +152,10 @@ class ChatPrompt(str):
 
 def _raise(message: str):
     raise TemplateError(message)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 class TextStream:

@@ -62,6 +62,19 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"tie_word_embeddings": False, "sliding_window": None}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": True, "head_dim": 16}),
+    # Local layers (sliding window 8, rope base 1e4) alternating with global ones (rope base 1e6), as in Gemma 3
+    # (whose pattern is 5 local : 1 global, window 512); a q·k scale apart from head_dim's.
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "tie_word_embeddings": True, "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8,
+        "sliding_window_pattern": 2, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+        "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "pad_token_id": 0}),
+    # Phi-4-mini's shape in small: fused qkv_proj / gate_up_proj, half of each head rotating, longrope.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {
+        "tie_word_embeddings": False, "num_attention_heads": 2, "num_key_value_heads": 1, "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 128, "pad_token_id": 0,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.5],
+                         "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]}}),
 }
 
 
@@ -119,6 +132,8 @@ def make_tiny(family: str, out: Path, tokenizer, layers: int = 2, seed: int = 0,
                 p.normal_(0.0, 0.08)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.05)
+            elif family == "gemma3":  # Gemma's norms scale by (1 + w): w near 0, away from it
+                p.normal_(0.0, 0.2)
             else:  # norm weights: away from 1 so that their handling is tested
                 p.normal_(1.0, 0.2)
     model.generation_config.eos_token_id = 2

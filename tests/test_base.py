@@ -66,7 +66,7 @@ def test_a_failed_download_says_what_to_do(fake_known, monkeypatch, tmp_path):
 def test_corrupt_gguf_is_refused(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"this is not a gguf file at all" * 10)
-    with pytest.raises(BaseModelError, match="cannot read the model configuration from"):
+    with pytest.raises(BaseModelError, match="broken.gguf is not a readable GGUF file .*fetch or convert it again"):
         base_mod.load_base(bad)
 
 
@@ -84,3 +84,49 @@ def test_hugging_face_directory_loads_with_its_tokenizer_settings(tiny_dirs):
     assert b.name == "qwen2" and b.model.config.model_type == "qwen2"
     assert b.add_bos is False  # the trained tokenizer adds no special tokens
     assert 2 in b.eos_token_ids and b.chat_template.startswith("{% for message in messages %}")
+
+
+def _wheel(path, dist, files):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr(f"{dist}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        z.writestr(f"{dist}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}-1.0.dist-info/RECORD", "")
+    return str(path)
+
+
+@pytest.fixture
+def fake_parts(tmp_path, monkeypatch):
+    """A known base split over three part wheels (as Gemma 3 270M is), fetched from local files."""
+    payload = b"GGUF" + bytes(range(256)) * 300
+    cuts = [0, 20_000, 50_001, len(payload)]
+    main = _wheel(tmp_path / "fake_split-1.0-py3-none-any.whl", "fake_split", {"fake_split/SHA256SUMS": "-"})
+    parts = tuple((_wheel(tmp_path / f"fake_split_part{i}-1.0-py3-none-any.whl", f"fake_split_part{i}",
+                          {f"fake_split_part{i}/data/m.gguf.part{i:02d}": payload[a:b]}),
+                   f"fake_split_part{i}/data/m.gguf.part{i:02d}") for i, (a, b) in enumerate(zip(cuts, cuts[1:])))
+    known = base_mod.KnownBase(name="fake-split", wheel=main, member="m.gguf", sha256=hashlib.sha256(payload).hexdigest(),
+                               size=len(payload), license="Test terms", hf_id="-", parts=parts, chat_template=False)
+    monkeypatch.setitem(base_mod.KNOWN_BASES, "fake-split", known)
+    monkeypatch.setenv("JISHI_CACHE", str(tmp_path / "cache"))
+    return known, payload
+
+
+def test_a_base_in_several_wheels_is_reassembled_in_order_and_checked(fake_parts, monkeypatch):
+    from dataclasses import replace
+
+    known, payload = fake_parts
+    path = base_mod.fetch_known("fake-split", quiet=True)
+    assert path.read_bytes() == payload and path.name == "m.gguf"
+    path.unlink()
+    swapped = replace(known, parts=(known.parts[1], known.parts[0], known.parts[2]))
+    monkeypatch.setitem(base_mod.KNOWN_BASES, "fake-split", swapped)
+    with pytest.raises(BaseModelError, match="has sha256 .*refusing to use it"):
+        base_mod.fetch_known("fake-split", quiet=True)
+    assert not path.exists()
+
+
+def test_gemma3_270m_is_a_known_base_with_its_licence():
+    g = base_mod.KNOWN_BASES["gemma3-270m"]
+    assert len(g.parts) == 4 and g.size == 253_113_024 and "Gemma" in g.license and not g.chat_template
+    assert all("Apache" in b.license or "Gemma" in b.license for b in base_mod.KNOWN_BASES.values())

@@ -131,7 +131,8 @@ def test_unsupported_family_is_refused(tmp_path, tiny_tokenizer):
 
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(BaseModelError, match="'gpt2' model; jishi supports the Llama family"):
+    with pytest.raises(BaseModelError, match="gpt2.*family 'gpt2' is not supported.*supported: llama, mistral, qwen2, "
+                                             "qwen3, gemma3, phi3"):
         build(str(tmp_path / "gpt2"), "fp32", tmp_path / "out", evaluate=False, quiet=True)
     assert not (tmp_path / "out").exists()
 

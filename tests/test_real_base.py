@@ -181,3 +181,21 @@ def test_adapter_on_the_real_base_matches_peft(real_base, real_bundles, tmp_path
     m.open_adapter_graph()
     np.testing.assert_array_equal(m.engine.feed(ids, all_logits=True), first)
 
+
+def test_default_build_keeps_every_gguf_tensor_on_its_grid(real_base, tmp_path):
+    """The default for the GGUF base is --quant gguf: its 210 Q4_1 tensors as 4-bit blocks and its Q8_0
+    embedding / tied head as 8-bit blocks, read from the file's blocks; at accuracy level 0 (float
+    activations) that is the dequantized model, so perplexity stays within 0.3% of fp32."""
+    from jishi.pipeline import build
+    from jishi.runtime.bundle import open_bundle
+
+    out = build(real_base, None, tmp_path / "gguf", quiet=True, accuracy_level=0)
+    m = open_bundle(out).manifest
+    q = m.graph.quantization
+    assert q["name"] == "gguf" and "requantized" not in q
+    assert sum(n for counts in q["formats"].values() for t, n in counts.items() if t == "Q4_1") == 210
+    assert q["formats"]["embed_tokens"] == {"Q8_0": 1}
+    ev = m.evaluation
+    assert abs(ev["reference_perplexity"] - 15.15) < 0.05
+    assert ev["perplexity"] <= ev["reference_perplexity"] * 1.003
+    assert ev["top1_agreement"] >= 0.98

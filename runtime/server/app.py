@@ -267,7 +267,8 @@ def _plan(server: Server, req: Request, info: dict) -> tuple[dict, int]:
         if system and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system}] + messages
         if not model.manifest.tokenizer.chat_template:
-            raise bad("this model has no chat template; use /v1/completions", "messages", "unsupported")
+            raise bad("this model has no chat template: use /v1/completions, or start the server with "
+                      "--chat-template FILE", "messages", "unsupported")
         try:
             ids = model.tokenizer.encode(model.chat_prompt(messages), bos=False)
         except Exception as e:  # the template's own refusal (e.g. roles out of order)

@@ -33,7 +33,8 @@ __all__ = [
 ]
 
 
-def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False, adapters: bool = False):
+def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False, adapters: bool = False,
+         chat_template: str | None = None):
     """Open a bundle (a directory path, or an installed model's name) for generation.
 
     ``threads`` defaults to the device profile's count (its performance cores, at most the physical
@@ -42,7 +43,9 @@ def load(bundle, threads: int | None = None, context: int | None = None, force: 
     will not fit in the memory available now is refused (DeviceFitError) unless ``force``.
     ``adapters=True`` opens the graph with merge points at once (otherwise the first use of
     an adapter does, a one-time cost of a second or so for int8/fp16/fp32 bundles).
+    ``chat_template`` (the Jinja text of a Hugging Face style template) replaces the bundle's own, or
+    gives one to a bundle of a pretrained base that has none.
     """
     from jishi.runtime.model import load as _load
 
-    return _load(bundle, threads=threads, context=context, force=force, adapters=adapters)
+    return _load(bundle, threads=threads, context=context, force=force, adapters=adapters, chat_template=chat_template)

@@ -22,10 +22,10 @@ def default_output(name: str, quant: str) -> Path:
 
 def build(
     base=None,
-    quant: str = "int4",
+    quant: str | None = None,
     output: str | Path | None = None,
     name: str | None = None,
-    context: int = DEFAULT_CONTEXT,
+    context: int | None = None,
     evaluate: bool = True,
     quiet: bool = False,
     merge_points: bool | None = None,
@@ -36,15 +36,19 @@ def build(
     calibration_sequences: int = 16,
     teacher=None,
     head_bits: int = 8,
+    chat_template: str | None = None,
 ) -> Path:
     """Build a bundle from a base model; returns its directory.
 
     ``base`` is a known name, a GGUF file, a Hugging Face directory, or a base
     already loaded with ``jishi.distill.base.load_base`` (to build several
-    bundles from one load). ``calibrated`` (int4 only) finds the int4 codes with GPTQ on
+    bundles from one load). ``context`` defaults to min(2048, the model's positions). ``quant`` defaults to
+    ``gguf`` for a GGUF base (every tensor kept on its own grid, 4- or 8-bit, see ``jishi.export.gguf_formats``)
+    and to ``int4`` otherwise. ``calibrated`` (int4 only) finds the int4 codes with GPTQ on
     calibration text (the part of pydoc_data.topics after the held-out text) instead of
     rounding to nearest; ``block`` is the int4/int8 block size; ``head_bits`` (8 or 4) the
-    embedding table's and LM head's. ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
+    embedding table's and LM head's. ``chat_template`` (Jinja text) is stored in the bundle in place of the
+    base's own (a pretrained base such as Gemma 3 270M has none). ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
     the weights before quantization: a bundle for one task, with no merge points; its
     evaluation compares int4 and int8 of the merged weights and recommends one.
 
@@ -56,22 +60,22 @@ def build(
 
     from jishi.distill.base import LoadedBase, load_base
     from jishi.export.bundle_writer import check_target, publish, staging_dir, with_files, write_manifest
-    from jishi.export.from_torch import model_config, numpy_weights, rotary
+    from jishi.export.from_torch import model_config, numpy_weights, rope_tables
     from jishi.export.graph import QUANTS, QuantRecipe, build_decoder, save_model, strip_merge_points
     from jishi.runtime.adapters import TARGETS
     from jishi.runtime.manifest import GraphInfo, Manifest
 
-    if quant not in QUANTS:
+    if quant is not None and quant not in QUANTS:
         raise JishiError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
-    if calibrated and quant != "int4":
+    if calibrated and quant not in ("int4", None):
         raise JishiError(f"--calibrated applies to int4 only (asked for {quant})")
     if head_bits not in (4, 8):
         raise JishiError(f"the embedding / LM head is stored at 8 or 4 bits, not {head_bits}")
-    if head_bits != 8 and quant not in ("int4", "int8"):
+    if head_bits != 8 and quant not in ("int4", "int8", None):
         raise JishiError(f"--head int{head_bits} applies to int4 and int8 bundles (asked for {quant})")
     if block not in (16, 32, 64, 128):
         raise JishiError(f"block size {block} is not supported; choose 16, 32, 64 or 128")
-    if context < 16:
+    if context is not None and context < 16:
         raise JishiError(f"context {context} is too small; use at least 16 tokens")
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
 
@@ -88,7 +92,21 @@ def build(
         merge_points = False
         say(f"Merging adapter {merge[0]} into the weights…")
         base_model, merged = merged_base(base_model, *merge)
-    cfg = model_config(base_model.model.config, context)
+    from_gguf_file = Path(base_model.source).suffix.lower() == ".gguf" and Path(base_model.source).is_file()
+    if quant is None:
+        quant = "gguf" if from_gguf_file and merged is None and not calibrated and head_bits == 8 else "int4"
+    if quant == "gguf" and not from_gguf_file:
+        raise JishiError(f"--quant gguf keeps a GGUF file's own grids, and {base_model.source} is not a GGUF file; "
+                         "use --quant int4 (or int8, fp16, fp32)")
+    if quant == "gguf" and merged is not None:
+        raise JishiError("a merged adapter moves the weights off the GGUF's grids: build it with --quant int4 or int8")
+    if quant == "gguf" and head_bits != 8:
+        raise JishiError("--head applies to int4 and int8 bundles; --quant gguf keeps the file's own embedding grid")
+    tokenizer_info = base_model.tokenizer_info()
+    if chat_template is not None:
+        tokenizer_info = _with_template(base_model, tokenizer_info, chat_template)
+    cfg = model_config(base_model.model.config, context)  # default: min(2048, the model's positions)
+    context = cfg.context_length
     if quant in ("int4", "int8"):
         for what, size in (("hidden size", cfg.hidden_size), ("MLP size", cfg.intermediate_size),
                            ("attention width", cfg.num_heads * cfg.head_dim)):
@@ -102,10 +120,19 @@ def build(
     # int4's side path exists anyway for the zero-point correction: its merge points are free
     # and it has one graph. Elsewhere they add two nodes per projection, so the bundle also
     # holds the graph without them, over the same weights file, for requests with no adapter.
-    adapter_graph = "model.lora.onnx" if merge_points and quant != "int4" else None
-    recipe = QuantRecipe(quant, block=block, accuracy_level=accuracy_level, merge_points=merge_points,
-                         method="gptq" if calibrated else "rtn", head_bits=head_bits)
-    prequantized = None
+    weights = numpy_weights(base_model.model, cfg)
+    grids = None
+    if quant == "gguf" or (quant == "int4" and from_gguf_file and merged is None and not calibrated and block == 32):
+        grids = _gguf_grids(base_model, weights, quant, quiet)
+    if quant == "gguf":
+        recipe = QuantRecipe("gguf", block=grids.side_block, accuracy_level=accuracy_level, merge_points=merge_points,
+                             zero_point_correction=grids.corrected)
+    else:
+        recipe = QuantRecipe(quant, block=block, accuracy_level=accuracy_level, merge_points=merge_points,
+                             method="gptq" if calibrated else "rtn", head_bits=head_bits)
+    side_path = recipe.name in ("int4", "gguf") and recipe.zero_point_correction
+    adapter_graph = "model.lora.onnx" if merge_points and not (quant == "int4" or side_path) else None
+    prequantized = grids.weights if grids else None
     if calibrated:
         from jishi.distill.prune import calibration_batches
         from jishi.export.gptq import gptq_model
@@ -113,11 +140,9 @@ def build(
         batches = calibration_batches(base_model.runtime_tokenizer(), calibration_sequences, min(256, context))
         with tqdm(total=7 * cfg.num_layers, desc="GPTQ on calibration text", unit="weight", disable=quiet, file=sys.stderr) as bar:
             prequantized = gptq_model(base_model.model, batches, 4, block, progress=bar.update)
-    weights = numpy_weights(base_model.model)
-    inv_freq, attention_scaling = rotary(base_model.model)
+    rope = rope_tables(base_model.model, cfg)
     with tqdm(total=cfg.num_layers, desc=f"Writing the {quant} graph", unit="layer", disable=quiet, file=sys.stderr) as bar:
-        graph = build_decoder(cfg, weights, inv_freq, recipe, attention_scaling, progress=bar.update,
-                              prequantized=prequantized)
+        graph = build_decoder(cfg, weights, None, recipe, progress=bar.update, prequantized=prequantized, rope=rope)
     del weights, prequantized
 
     check_target(target)
@@ -136,20 +161,22 @@ def build(
             graph=GraphInfo(
                 file="model.onnx",
                 data_file="model.onnx.data",
-                quantization=recipe.as_dict(),
+                quantization={**recipe.as_dict(), **(grids.record() if grids else {})},
                 inputs=["input_ids", "seqlens_k", "total_sequence_length", "logits_index", "past_key.*", "past_value.*"],
                 outputs=["logits", "present_key.*", "present_value.*"],
             ),
-            tokenizer=base_model.tokenizer_info(),
+            tokenizer=tokenizer_info,
             files={},
             merge_points={"targets": list(TARGETS), "rank": "dynamic",
-                          "a_default": "block_sums" if recipe.name == "int4" and recipe.zero_point_correction else "zeros",
+                          "a_default": "block_sums" if side_path else "zeros",
                           "block": recipe.block, **({"graph": adapter_graph} if adapter_graph else {})}
                          if recipe.merge_points else None,
             provenance={
                 "base": base_model.name,
                 "base_source": Path(base_model.source).name,
                 "base_sha256": base_model.source_sha256,
+                "base_license": base_model.license,
+                **({"chat_template": "given at build"} if chat_template is not None else {}),
                 **({"merged_adapter": merged} if merged else {}),
                 **({"distilled": distilled} if (distilled := _distill_record(base_model.source)) else {}),
                 **({"calibration": f"pydoc_data.topics after character 20000 less the lines the held-out text has, {calibration_sequences} sequences "
@@ -177,6 +204,40 @@ def build(
         raise
     say(f"Wrote {target} in {time.time() - t0:.0f} s")
     return target
+
+
+def _with_template(base, info, text: str):
+    """The tokenizer entry with this chat template, which must parse as the runtime will read it."""
+    from jishi.runtime.tokenizer import Tokenizer
+
+    if not isinstance(text, str) or not text.strip():
+        raise JishiError("the chat template is empty: give the text of a Jinja chat template")
+    info = replace(info, chat_template=text)
+    try:
+        Tokenizer(None, info, json_text=base.tokenizer_json)
+    except JishiError as e:
+        raise JishiError(f"the chat template given does not parse ({e}); fix it and build again") from None
+    return info
+
+
+def _gguf_grids(base, weights: dict, quant: str, quiet: bool):
+    """The GGUF base's tensors on their own grids (``gguf``), or its 4-bit ones only (``int4``)."""
+    from tqdm import tqdm
+
+    from jishi.distill.gguf_tensors import read_raw
+    from jishi.export.from_gguf import grid_weights
+
+    raw = read_raw(Path(base.source), base.model, names=set(weights))
+    with tqdm(total=len(raw), desc="Reading the GGUF's blocks", unit="tensor", disable=quiet, file=sys.stderr) as bar:
+        plan = grid_weights(raw, weights, mode=quant, progress=bar.update)
+    if not quiet:
+        moved = sum(c for counts in plan.requantized.values() for c in counts.values())
+        if moved:
+            print(f"{moved} tensors are re-quantized ({'their type has no 4-bit form' if quant == 'int4' else 'no exact form'}); "
+                  "the evaluation measures the cost", file=sys.stderr)
+        for note in plan.notes[:5]:
+            print(f"note: {note}", file=sys.stderr)
+    return plan
 
 
 MERGED_INT4_BUDGET = 0.03  # int4 is recommended for a merged bundle if it moves perplexity at most this much
@@ -273,10 +334,9 @@ def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: in
         nll, agree = 0.0, 0.0
         for win, top in zip(wins, ref_top):
             model.engine.reset()
-            logits = model.engine.feed(win, all_logits=True).astype(np.float64)
-            m = logits.max(axis=-1, keepdims=True)
-            logz = (np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)) + m)[:, 0]
-            nll -= (logits[np.arange(len(win) - 1), win[1:]] - logz[:-1]).sum()
+            logits = model.engine.feed(win, all_logits=True)
+            logz = _logsumexp_rows(logits)
+            nll -= (logits[np.arange(len(win) - 1), win[1:]].astype(np.float64) - logz[:-1]).sum()
             agree += float((logits.argmax(-1) == top).mean())
             bar.update(1)
     n = sum(len(w) - 1 for w in wins)
@@ -288,6 +348,17 @@ def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: in
         "top1_agreement": round(agree / len(wins), 4),
         "accuracy_level": model.manifest.graph.quantization.get("accuracy_level"),
     }
+
+
+def _logsumexp_rows(logits: np.ndarray, rows: int = 32) -> np.ndarray:
+    """log Σ exp of each row in float64, a few rows at a time (a 262,144-token vocabulary makes a
+    512-token window's float64 copy a gigabyte)."""
+    out = np.empty(len(logits), np.float64)
+    for a in range(0, len(logits), rows):
+        x = logits[a:a + rows].astype(np.float64)
+        m = x.max(axis=-1, keepdims=True)
+        out[a:a + rows] = (np.log(np.exp(x - m).sum(axis=-1, keepdims=True)) + m)[:, 0]
+    return out
 
 
 def _versus_teacher(bundle_dir: Path, base, teacher, say, quiet: bool) -> dict | None:

@@ -42,7 +42,10 @@ def load_model(args):
     """``jishi.load`` with the command's --threads/--context/--force; --verbose says what was chosen."""
     import jishi
 
-    model = jishi.load(args.bundle, threads=args.threads, context=args.context, force=args.force)
+    template = None
+    if getattr(args, "chat_template", None):
+        template = read_template(args.chat_template)
+    model = jishi.load(args.bundle, threads=args.threads, context=args.context, force=args.force, chat_template=template)
     if getattr(args, "verbose", False):
         print(settings_text(model.settings, model.engine.session.get_providers()), file=sys.stderr)
     return model
@@ -53,3 +56,22 @@ def add_load_options(p) -> None:
     p.add_argument("--context", type=int, help="context window (default: the bundle's)")
     p.add_argument("--force", action="store_true", help="load even if the model seems too big for free memory")
     p.add_argument("--verbose", action="store_true", help="say which onnxruntime settings were chosen, and why")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="a Jinja chat template (Hugging Face style) to use instead of the bundle's, or for a bundle "
+                        "of a pretrained base that has none")
+
+
+def read_template(path: str) -> str:
+    """The text of a chat template file, or a JishiError that says what is wrong with it."""
+    from pathlib import Path
+
+    from jishi.errors import JishiError
+
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise JishiError(f"cannot read the chat template {p}: {e}") from None
+    if not text.strip():
+        raise JishiError(f"the chat template {p} is empty")
+    return text

@@ -59,6 +59,11 @@ def chat(args) -> int:
     from jishi.runtime.chat import Conversation
 
     model = load_model(args)
+    if not model.manifest.tokenizer.chat_template:
+        from jishi.errors import JishiError
+        from jishi.runtime.tokenizer import NO_TEMPLATE
+
+        raise JishiError(NO_TEMPLATE)
     convo = Conversation(model, system=args.system, reserve=args.max_tokens)
     print(f"{model.name} ({model.manifest.graph.quantization['name']}, context {model.context}). "
           "Ctrl-C stops a reply, Ctrl-D or /exit leaves, /reset starts over.", file=sys.stderr)

@@ -7,14 +7,16 @@ import sys
 
 from jishi.errors import JishiError
 
-from .common import key_values, named_dir
+from .common import key_values, named_dir, read_template
 
 
 def register(sub) -> None:
     b = sub.add_parser("build", help="export a base model to a bundle")
     b.add_argument("--base", help="known base name (default smollm2-135m-instruct), a GGUF file or a Hugging Face directory")
-    b.add_argument("--quant", choices=["int4", "int4-gptq", "int8", "fp16", "fp32"],
-                   help="weight format (default int4, or the plan's choice with --device); int4-gptq is int4 --calibrated")
+    b.add_argument("--quant", choices=["gguf", "int4", "int4-gptq", "int8", "fp16", "fp32"],
+                   help="weight format (default: gguf for a GGUF base, which keeps every tensor on the file's own grid, "
+                        "4- or 8-bit; int4 otherwise; or the plan's choice with --device); int4 on a GGUF base keeps its "
+                        "4-bit blocks and re-quantizes the rest; int4-gptq is int4 --calibrated")
     b.add_argument("--calibrated", action="store_true",
                    help="int4 codes by GPTQ on calibration text instead of round-to-nearest (for weights off any 4-bit "
                         "grid: students, fine-tuned models; the default base keeps its own grid exactly without it)")
@@ -22,10 +24,13 @@ def register(sub) -> None:
     b.add_argument("--head", choices=["int8", "int4"], default="int8",
                    help="int4/int8 bundles: bits of the embedding table and LM head (default int8, which keeps a Q8_0 "
                         "base's exactly; int4 is smaller, measure it with the build's evaluation)")
+    b.add_argument("--chat-template", metavar="FILE",
+                   help="a Jinja chat template (Hugging Face style) stored in the bundle in place of the base's own; "
+                        "a pretrained base such as gemma3-270m has none, so chat needs one")
     b.add_argument("--device", help="plan the build for this device profile (see `jishi devices`) or 'detect'")
     b.add_argument("-o", "--output", help="bundle directory (default ./bundles/<name>-<quant>)")
     b.add_argument("--name", help="model name in the manifest (default: from the base)")
-    b.add_argument("--context", type=int, default=2048, help="context window in tokens (default 2048)")
+    b.add_argument("--context", type=int, help="context window in tokens (default: the model's positions, at most 2048)")
     b.add_argument("--no-eval", action="store_true", help="skip measuring quality on held-out text")
     mp = b.add_mutually_exclusive_group()
     mp.add_argument("--merge-points", action="store_true", default=None,
@@ -135,7 +140,7 @@ def build(args) -> int:
     calibrated = args.calibrated or args.quant == "int4-gptq"
     if args.quant == "int4-gptq":
         args.quant = "int4"
-    quant = args.quant or "int4"
+    quant = args.quant  # None: the pipeline's default for this base (gguf for a GGUF file, else int4)
     if args.device:
         profile = profile_for(args.device)
         shape = model_shape(args.base or "smollm2-135m-instruct")
@@ -156,10 +161,11 @@ def build(args) -> int:
             raise JishiError("a merged bundle has no merge points, so it takes no other adapters: build it with "
                              "--adapter NAME=DIR --merge NAME only")
         adapters = []
-    if calibrated and quant != "int4":
+    if calibrated and quant not in ("int4", None):
         raise JishiError(f"--calibrated applies to int4 only, not {quant}")
     base, teacher = args.base, None
     if args.distill:
+        quant = quant or "int4"
         base, teacher, calibrated = distill_for_build(args, quant, calibrated)
         if base is None:  # another process of a torchrun: rank 0 builds
             return 0
@@ -170,7 +176,8 @@ def build(args) -> int:
                              "first, or use `jishi distill`")
     path = build_bundle(base, quant, args.output, args.name, args.context, evaluate=not args.no_eval,
                  merge_points=True if adapters else args.merge_points, merge=merge, calibrated=calibrated,
-                 block=args.block, teacher=teacher, head_bits=int(args.head[3:]))
+                 block=args.block, teacher=teacher, head_bits=int(args.head[3:]),
+                 chat_template=read_template(args.chat_template) if args.chat_template else None)
     if adapters:
         from jishi.export.adapters import add_adapter
 

@@ -1,0 +1,197 @@
+"""GGUF grids kept exactly: files whose blocks the test wrote, read back bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+
+from gguf_files import ENCODERS, write_tiny_gguf  # noqa: E402
+
+from jishi.export.quant import QuantizedWeight, unpack, unpack_zero_points  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-mixed.gguf"
+    return path, write_tiny_gguf(path, tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_gguf):
+    from jishi.distill.base import load_base
+
+    return load_base(str(tiny_gguf[0]))
+
+
+@pytest.fixture(scope="module")
+def plan(tiny_gguf, loaded):
+    from jishi.distill.gguf_tensors import read_raw
+    from jishi.export.from_gguf import grid_weights
+    from jishi.export.from_torch import numpy_weights
+
+    weights = numpy_weights(loaded.model)
+    return grid_weights(read_raw(tiny_gguf[0], loaded.model), weights), weights
+
+
+def _hf_name(gguf_name: str) -> str:
+    parts = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    _, layer, part, _ = gguf_name.split(".")
+    return f"model.layers.{layer}.{parts[part]}.weight"
+
+
+def _row_order(written: np.ndarray, loaded: np.ndarray) -> np.ndarray:
+    """Which written row each loaded row is (transformers permutes Llama's q/k rows)."""
+    index = {row.tobytes(): i for i, row in enumerate(written)}
+    return np.array([index[row.tobytes()] for row in loaded])
+
+
+def test_every_type_reads_back_the_codes_scales_and_minimums_written(tiny_gguf, plan):
+    path, blocks = tiny_gguf
+    grids, weights = plan
+    assert not grids.requantized and not grids.notes
+    seen = set()
+    for gname, b in blocks.items():
+        name = _hf_name(gname)
+        qw = grids.weights[name]
+        assert isinstance(qw, QuantizedWeight)
+        kind = b.kind
+        seen.add(kind)
+        written = gguf.quants.dequantize(b.raw, gguf.GGMLQuantizationType[kind])
+        order = _row_order(written, weights[name])
+        nb = qw.k // qw.block
+        assert qw.block == b.block
+        default = 1 << (qw.bits - 1)  # integer zero points move to MatMulNBits' default, codes with them
+        shift = default - b.zero_point if b.zero_point is not None else 0
+        np.testing.assert_array_equal(unpack(qw.packed, qw.bits, qw.n, qw.k), b.codes[order] + shift)
+        np.testing.assert_array_equal(qw.scales, b.scales[order])
+        zp = unpack_zero_points(qw.zero_points, qw.bits, qw.n, nb).astype(np.float32)
+        if b.zero_point is not None:
+            assert qw.correction is None and qw.default_zero_points()
+            assert (zp == default).all()
+        else:  # the minimum, as the rounded zero point plus the correction carry it: to float32 rounding
+            ulp = np.finfo(np.float32).eps * float(np.abs(b.minimum).max())
+            np.testing.assert_allclose(qw.correction.T - zp * qw.scales, b.minimum[order], rtol=0, atol=2 * ulp)
+        np.testing.assert_allclose(qw.dequantize(), written[order], rtol=0, atol=1e-6)
+    assert seen == set(ENCODERS)
+
+
+def test_bundle_holds_the_grids_and_computes_the_dequantized_model(tiny_gguf, loaded, plan, tmp_path):
+    """Default quant of a GGUF base is its own grids; at accuracy level 0 the bundle's logits are
+    PyTorch's on the dequantized weights at every position; the graph's initializers are the blocks."""
+    import onnx
+
+    from jishi.pipeline import build
+    from jishi.runtime.model import load
+
+    grids, _ = plan
+    out = build(loaded, None, tmp_path / "b", context=128, evaluate=False, quiet=True, accuracy_level=0)
+    model = load(out)
+    q = model.manifest.graph.quantization
+    assert q["name"] == "gguf" and q["block"] == 32 and q["zero_point_correction"] is True
+    assert q["formats"]["self_attn.v_proj"] == {"Q6_K": 1, "Q5_K": 1}
+    assert q["forms"]["Q6_K"] == "int8 block 16 (6-bit codes + 96), zero point 128"
+
+    ids = [int(i) for i in np.random.default_rng(3).integers(3, 380, 90)]
+    with torch.no_grad():
+        expected = loaded.model(torch.tensor([ids])).logits[0].numpy()
+    got = model.engine.feed(ids, all_logits=True)
+    scale = float(np.abs(expected).max())
+    assert 1.0 < scale < 100.0  # logits of a realistic size
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * scale)
+
+    graph = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    # layer 0: q and k share Q4_K (one MatMulNBits), v is Q6_K (another); layer 1: q, k, v all Q5_K (one)
+    qk = grids.weights["model.layers.0.self_attn.q_proj.weight"], grids.weights["model.layers.0.self_attn.k_proj.weight"]
+    np.testing.assert_array_equal(inits["layer0.attn.qkv.part0.qweight"], np.concatenate([w.packed for w in qk]))
+    np.testing.assert_array_equal(inits["layer0.attn.qkv.part1.qweight"],
+                                  grids.weights["model.layers.0.self_attn.v_proj.weight"].packed)
+    np.testing.assert_array_equal(inits["layer1.mlp.down.scales"],
+                                  grids.weights["model.layers.1.mlp.down_proj.weight"].scales.reshape(-1))
+    np.testing.assert_array_equal(inits["lm_head.qweight"], grids.weights["model.embed_tokens.weight"].packed)
+    # fp16 block scales (Q5_0 here, Q8_0 in the table) are stored as the file's fp16 values, once for a tied pair
+    o = grids.weights["model.layers.0.self_attn.o_proj.weight"]
+    assert inits["layer0.attn.o.scales.fp16"].dtype == np.float16
+    np.testing.assert_array_equal(inits["layer0.attn.o.scales.fp16"].astype(np.float32), o.scales.reshape(-1))
+    assert "lm_head.scales.fp16" in inits and "model.embed_tokens.scales" not in inits
+    assert not any(n.endswith("qzeros") and n.startswith(("lm_head", "layer0.attn.o")) for n in inits)
+
+
+def test_a_fused_gguf_projection_is_split_into_the_graphs_parts_unchanged():
+    """Phi-3 files hold gate and up as one ffn_up tensor: its blocks are split by rows, exactly."""
+    from gguf_files import q4_k
+
+    from jishi.distill.gguf_tensors import RawTensor
+    from jishi.export.from_gguf import grid_weights
+
+    b = q4_k(np.random.default_rng(5), 96, 256)
+    full = gguf.quants.dequantize(b.raw, gguf.GGMLQuantizationType.Q4_K)
+    raw = {"model.layers.0.mlp.gate_up_proj.weight": RawTensor("blk.0.ffn_up.weight", "Q4_K", 96, 256, b.raw, 4.5)}
+    ref = {"model.layers.0.mlp.gate_proj.weight": full[:48], "model.layers.0.mlp.up_proj.weight": full[48:]}
+    plan = grid_weights(raw, ref)
+    gate, up = plan.weights["model.layers.0.mlp.gate_proj.weight"], plan.weights["model.layers.0.mlp.up_proj.weight"]
+    np.testing.assert_array_equal(unpack(up.packed, 4, 48, 256), b.codes[48:])
+    np.testing.assert_array_equal(gate.scales, b.scales[:48])
+    np.testing.assert_allclose(up.dequantize(), full[48:], rtol=0, atol=1e-6)
+    assert plan.formats == {"mlp.gate_up_proj": {"Q4_K": 1}} and not plan.requantized
+
+
+def test_int4_keeps_the_4_bit_blocks_and_lists_what_it_re_quantized(loaded, plan, tmp_path):
+    from jishi.pipeline import build
+    from jishi.runtime.bundle import open_bundle
+
+    grids, _ = plan
+    out = build(loaded, "int4", tmp_path / "i4", context=128, evaluate=False, quiet=True, accuracy_level=0)
+    q = open_bundle(out).manifest.graph.quantization
+    assert q["name"] == "int4"
+    kept = {t for counts in q["formats"].values() for t in counts}
+    moved = {t for counts in q["requantized"].values() for t in counts}
+    assert kept == {"Q4_0", "Q4_K"} and moved == {"Q5_0", "Q5_K", "Q6_K", "Q8_0"}
+
+    import onnx
+
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    gate_up = [grids.weights[f"model.layers.1.mlp.{p}_proj.weight"] for p in ("gate", "up")]  # both Q4_K in layer 1
+    np.testing.assert_array_equal(inits["layer1.mlp.gate_up.qweight"], np.concatenate([w.packed for w in gate_up]))
+
+
+def test_an_adapter_on_the_gguf_grids_equals_peft_on_the_dequantized_model(loaded, tmp_path):
+    """Merge points on mixed grids: corrected projections carry their block sums, exact ones a zero
+    column; with an adapter bound the logits equal PEFT on the dequantized weights (accuracy level 0)."""
+    import copy
+
+    import peft
+
+    import jishi
+    from jishi.export.adapters import add_adapter
+    from jishi.pipeline import build
+
+    out = build(loaded, None, tmp_path / "b", context=128, evaluate=False, quiet=True, accuracy_level=0)
+    torch.manual_seed(7)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = peft.get_peft_model(copy.deepcopy(loaded.model),
+                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.05)
+    lora.save_pretrained(tmp_path / "alpha")
+    add_adapter(out, "alpha", tmp_path / "alpha")
+    m = jishi.load(out)
+    ids = list(range(5, 60))
+    with torch.no_grad():
+        plain = loaded.model(torch.tensor([ids])).logits[0].numpy()
+        adapted = lora.eval()(torch.tensor([ids])).logits[0].numpy()
+    scale = float(np.abs(plain).max())
+    np.testing.assert_allclose(m.engine.feed(ids, all_logits=True), plain, atol=1e-4 * scale, rtol=0)
+    m.engine.reset()
+    m.use_adapter("alpha")
+    np.testing.assert_allclose(m.engine.feed(ids, all_logits=True), adapted, atol=1e-4 * scale, rtol=0)
+    assert np.abs(adapted - plain).max() > 100 * 1e-4 * scale  # the adapter does change the output
