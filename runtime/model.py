@@ -25,6 +25,7 @@ class Result:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple | None = None  # generation.TokenLogprob per token, when asked for
 
     def __str__(self) -> str:
         return self.text
@@ -223,21 +224,47 @@ class Model:
         truncate: bool = False,
         chat: bool = False,
         adapter: str | None = None,
+        min_p: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        schema=None,
+        regex: str | None = None,
+        grammar: str | None = None,
+        json_object: bool = False,
+        logprobs: int | None = None,
     ) -> Stream:
         """Text pieces as they are generated. ``chat=True`` marks a prompt rendered by the chat
-        template, which writes its own special tokens (no BOS is added to it, as in transformers)."""
+        template, which writes its own special tokens (no BOS is added to it, as in transformers).
+
+        At most one constraint: ``schema`` (a JSON schema dict or text, or a Pydantic model
+        class), ``regex``, ``grammar`` (Lark) or ``json_object=True`` (any JSON object).
+        ``logprobs=k`` records each token's log-probability and its k (0..20) most likely
+        alternatives in ``Result.logprobs``. Temperature 0 is plain greedy: the repetition
+        penalty, top-k, top-p and min-p apply only when sampling."""
         try:
-            params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        except ValueError as e:
+            bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
+            params = SamplingParams(temperature, top_k, top_p, repetition_penalty, min_p, bias)
+            params.check_vocab(self.manifest.config.vocab_size)
+        except (ValueError, TypeError) as e:
             raise JishiError(str(e)) from None
         if max_new_tokens < 1:
             raise JishiError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        from jishi.runtime.generation import MAX_TOP_LOGPROBS, make_rng
+
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise JishiError(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {logprobs!r}")
+        try:
+            make_rng(seed)
+        except ValueError as e:
+            raise JishiError(str(e)) from None
+        constraint = pick_constraint(schema, regex, grammar, json_object)
+        matcher = self.matcher(constraint) if constraint is not None else None
         ids = self.tokenizer.encode(prompt, bos=False if chat else None)
         if not ids:
             raise JishiError("the prompt is empty")
         ids = self._fit_prompt(ids, max_new_tokens, truncate)
         self.use_adapter(adapter)
-        return Stream(self._generate(ids, max_new_tokens, params, normalize_stops(stop), seed))
+        return Stream(self._generate(ids, max_new_tokens, params, normalize_stops(stop), seed, matcher, logprobs))
 
     def chat(self, messages: list[dict], **kwargs) -> Result:
         return self.generate(self.chat_prompt(messages), chat=True, **kwargs)
@@ -245,15 +272,27 @@ class Model:
     def chat_stream(self, messages: list[dict], **kwargs) -> Stream:
         return self.stream(self.chat_prompt(messages), chat=True, **kwargs)
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+
+    def matcher(self, constraint):
+        """A fresh matcher for a ``constraints.Constraint`` (compiled once per constraint and kept)."""
+        from jishi.runtime.constraints import compiler_for
+
+        return compiler_for(self.tokenizer, self.manifest.config.vocab_size).matcher(constraint)
 
     def count_tokens(self, text: str, chat: bool = False) -> int:
         return len(self.tokenizer.encode(text, bos=False if chat else None))
 
-    def score(self, text: str, adapter: str | None = None) -> np.ndarray:
-        """log p(token_i | tokens before it) for tokens 2..n of ``text`` (float64, n − 1 values)."""
-        ids = self.tokenizer.encode(text)
+    def score(self, text: str | list[int], adapter: str | None = None) -> np.ndarray:
+        """log p(token_i | tokens before it) for tokens 2..n of ``text`` (float64, n − 1 values).
+        ``text`` may also be a list of token ids (e.g. a prompt's and the tokens generated after it)."""
+        if isinstance(text, str):
+            ids = self.tokenizer.encode(text)
+        else:
+            ids = [int(i) for i in text]
+            if any(not 0 <= i < self.manifest.config.vocab_size for i in ids):
+                raise JishiError(f"token ids must be in 0..{self.manifest.config.vocab_size - 1}")
         if len(ids) < 2:
             raise JishiError("score() needs a text of at least two tokens")
         if len(ids) > self.context:
@@ -288,9 +327,9 @@ class Model:
         head = ids[:1] if self.tokenizer.bos_id is not None and ids[0] == self.tokenizer.bos_id else []
         return head + ids[len(ids) - keep + len(head):]
 
-    def _generate(self, ids, max_new_tokens, params, stops, seed):
+    def _generate(self, ids, max_new_tokens, params, stops, seed, matcher=None, logprobs=None):
         gen = Generation(self.tokenizer, ids, min(max_new_tokens, self.context - len(ids)), params, stops, seed,
-                         self.manifest.config.vocab_size)
+                         self.manifest.config.vocab_size, matcher=matcher, logprobs=logprobs)
         engine = self.engine
         logits = engine.feed(ids[engine.reuse_prefix(ids):])
         while True:
@@ -298,8 +337,26 @@ class Model:
             if piece:
                 yield piece
             if gen.done:
-                return Result(gen.text, gen.finish_reason, len(ids), gen.completion_tokens)
+                return Result(gen.text, gen.finish_reason, len(ids), gen.completion_tokens,
+                              tuple(gen.logprobs) if logprobs is not None else None)
             logits = engine.step(gen.token)
+
+
+def pick_constraint(schema=None, regex=None, grammar=None, json_object=False):
+    """The one constraint these arguments ask for (a constraints.Constraint), or None."""
+    from jishi.runtime import constraints
+
+    given = [(name, v) for name, v in (("schema", schema), ("regex", regex), ("grammar", grammar),
+                                       ("json_object", json_object or None)) if v is not None]
+    if len(given) > 1:
+        raise JishiError(f"give at most one constraint; got {', '.join(n for n, _ in given)}")
+    if not given:
+        return None
+    name, value = given[0]
+    if isinstance(value, constraints.Constraint):
+        return value
+    return {"schema": constraints.json_schema, "regex": constraints.regex, "grammar": constraints.lark,
+            "json_object": lambda _: constraints.any_json()}[name](value)
 
 
 def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False,

@@ -45,6 +45,15 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def to_json(self) -> str:
+        """The tokenizer in the tokenizers JSON format (what a constrained decoder reads)."""
+        return self._tok.to_str()
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders a ``tools`` list itself (else a caller writes one into the prompt)."""
+        return bool(self.info.chat_template) and "tools" in self.info.chat_template
+
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; special-token text in it becomes those tokens, except inside the
         messages of a prompt made by ``apply_chat_template``, where it stays plain text."""
@@ -59,7 +68,8 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> "ChatPrompt":
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> "ChatPrompt":
         """The prompt text for these messages. It is a ``ChatPrompt``: a str that remembers which
         of its special tokens the template wrote, so that ``encode`` does not turn text such as
         "<|im_end|>" typed in a message into a control token."""
@@ -76,7 +86,7 @@ class Tokenizer:
 
         pattern = re.compile(f"{self._specials.pattern}|{_MARK}" if self._specials else _MARK)
         escaped = [{**m, "content": pattern.sub(mark, m["content"])} for m in messages]
-        rendered = self._render(escaped, add_generation_prompt)
+        rendered = self._render(escaped, add_generation_prompt, tools)
         # Split at the special tokens the template wrote; put the typed text back in between.
         chunks: list[tuple[str, bool]] = []
         at = 0
@@ -100,9 +110,11 @@ class Tokenizer:
                 ids.extend(self._plain.encode(text, add_special_tokens=False).ids)
         return ids
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+        extra = {"tools": tools} if tools else {}
         try:
             return self._template.render(
+                **extra,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.info.bos_token or "",
