@@ -11,7 +11,7 @@ only where the grammar may end.
     matcher.apply(logits)                           # before sampling
     matcher.accept(token)                           # after
 
-JSON is compiled compact ("," and ":" with no whitespace between tokens): a small model
+JSON is written as json.dumps writes it (", " and ": ", no other whitespace): a small model
 given free whitespace may write newlines until its length limit.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from jishi.errors import ConstraintError, MissingExtraError
 
-JSON_OPTIONS = {"whitespace_flexible": False}
+JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 
 
 @dataclass(frozen=True)
@@ -115,13 +115,31 @@ KINDS = {
 WHAT = {"json_schema": "JSON schema", "json": "JSON mode", "regex": "regex", "lark": "Lark grammar"}
 
 
+def token_table_json(tokenizer_json: str) -> str:
+    """The tokenizer as llguidance should read it. A byte-level BPE tokenizer converted from
+    GGUF (transformers writes it so) may carry a decoder chain (ByteFallback, Fuse, Replace,
+    ByteLevel) under which llguidance takes "Ġ" and "Ċ" for text instead of a space and a
+    newline; with its pre-tokenizer byte-level, the plain ByteLevel decoder says the same
+    bytes and llguidance reads it right."""
+    d = json.loads(tokenizer_json)
+    pre = d.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    decoder = d.get("decoder") or {}
+    if any(p.get("type") == "ByteLevel" for p in pres) and decoder.get("type") != "ByteLevel":
+        d["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
+        if isinstance(d.get("model"), dict):
+            d["model"]["byte_fallback"] = False
+        return json.dumps(d)
+    return tokenizer_json
+
+
 class Compiler:
     """Grammars compiled for one tokenizer: the token table is built once (it is the costly part)."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids):
         llg = _llg()
         self.vocab_size = vocab_size
-        self.tokenizer = llg.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=sorted(eos_ids) or None)
+        self.tokenizer = llg.LLTokenizer(token_table_json(tokenizer_json), n_vocab=vocab_size, eos_token=sorted(eos_ids) or None)
         self._grammars = lru_cache(maxsize=64)(self._compile)
 
     def _compile(self, c: Constraint) -> str:

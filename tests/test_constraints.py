@@ -82,7 +82,7 @@ def test_json_mode_allows_objects_only(model):
     allowed = m.allowed()
     starts = [t for t in np.nonzero(allowed)[0] if not model.tokenizer.decode([int(t)]).startswith("{")]
     assert allowed.any() and not starts  # the first token opens an object: no arrays, numbers or text
-    for t in model.tokenizer.encode('{"a":[1,true,"x"]}'):
+    for t in model.tokenizer.encode('{"a": [1, true, "x"]}'):
         assert m.allowed()[t]
         m.accept(t)
     assert m.accepting
@@ -109,3 +109,24 @@ def test_objects_stay_open_where_the_schema_says_so():
     assert "additionalProperties" not in closed["default"]  # a value, not a schema
     kept = constraints.close_objects({"type": "object", "properties": {}, "additionalProperties": {"type": "integer"}})
     assert kept["additionalProperties"] == {"type": "integer"}
+
+
+def test_a_gguf_style_byte_level_tokenizer_reads_spaces_and_newlines(tiny_tokenizer):
+    """transformers writes a GGUF's BPE tokenizer with a decoder chain (ByteFallback, Fuse, Replace,
+    ByteLevel) and byte fallback on; the grammar must still see "Ġ" as a space and "Ċ" as a newline."""
+    from jishi.runtime.manifest import TokenizerInfo
+    from jishi.runtime.tokenizer import Tokenizer
+
+    d = json.loads(tiny_tokenizer.to_str())
+    d["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+    d["model"]["byte_fallback"] = True
+    info = TokenizerInfo(file="tokenizer.json", add_bos=False, bos_token=None, eos_tokens=["<|im_end|>"],
+                         eos_token_ids=[2], chat_template=None)
+    tok = Tokenizer(None, info, json_text=json.dumps(d))
+    m = constraints.compiler_for(tok, 384).matcher(constraints.regex("a b\nc"))
+    for t in tok.encode("a b\nc"):
+        assert m.allowed()[t], tok.decode([t])
+        m.accept(t)
+    assert m.accepting
