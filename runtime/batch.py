@@ -64,6 +64,15 @@ class Lane:
     def step(self, token: int) -> np.ndarray:
         return self.batch.decode([self], [token])[0]
 
+    def copy_prefix(self, other: "Lane", n: int) -> None:
+        """Hold the first ``n`` tokens of ``other``'s cache (same batch, same inputs): a copy of
+        their rows, so a second answer to one prompt skips its prefill."""
+        if other.batch is not self.batch or other.inputs is not self.inputs:
+            raise ValueError("copy_prefix() needs a lane of the same batch with the same inputs")
+        kv = self.batch._kv
+        kv[:, self.row, :, :n] = kv[:, other.row, :, :n]
+        self.tokens = list(other.tokens[:n])
+
     def feed(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
         return self.batch.prefill(self, ids, all_logits)
 

@@ -128,6 +128,13 @@ class Engine:
     def reset(self) -> None:
         self.tokens = []
 
+    def copy_prefix(self, other: "Engine", n: int) -> None:
+        """Hold the first ``n`` tokens of ``other``'s cache (an engine on the same session and inputs)."""
+        self.tokens = []
+        self._reserve(n)
+        self._kv[:, :, :, :n] = other._kv[:, :, :, :n]
+        self.tokens = list(other.tokens[:n])
+
     def reuse_prefix(self, ids: list[int]) -> int:
         """Keep the cached tokens that ``ids`` starts with (at least one token stays to feed)."""
         return keep_common_prefix(self.tokens, ids)

@@ -210,7 +210,7 @@ def error_of(r, status):
     ({"messages": CHAT, "max_tokens": "ten"}, "max_tokens", "must be an integer"),
     ({"messages": CHAT, "stream": "yes"}, "stream", "true or false"),
     ({"messages": CHAT, "stop": 3}, "stop", "string or a list"),
-    ({"messages": CHAT, "n": 2}, "n", "only n=1"),
+    ({"messages": CHAT, "n": 9}, "n", "at most 8"),
     ({"messages": CHAT, "max_tokens": 100000}, "max_tokens", "ask for at most"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages", "context window is 256"),
 ])
