@@ -107,7 +107,7 @@ def render(messages: list[dict], tools: list[Tool], native: bool) -> tuple[list[
             out.append({"role": role, "content": content})
     if tools:
         listed = "\n".join(json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
-                                      ensure_ascii=False) for t in tools)
+                                      ensure_ascii=False, separators=(",", ":")) for t in tools)
         text = FALLBACK.format(tools=listed)
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + text}
