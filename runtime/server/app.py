@@ -160,6 +160,8 @@ class JobResponse(Response):
             job = Job(sink=sink_for(i), index=i, leader=jobs[0] if jobs else None, **args)
             jobs.append(job)
         jobs[0].followers = len(jobs) - 1
+        if hasattr(self.renderer, "bind"):
+            self.renderer.bind(jobs)  # a renderer that reports timings reads them from the jobs
         scheduler = self.server.scheduler
         try:
             scheduler.submit_all(jobs)
@@ -422,7 +424,8 @@ def build_app(server: Server) -> Starlette:
     async def not_found(request, exc: HTTPException):
         status = exc.status_code
         message = (f"no route {request.method} {request.url.path}; this server has POST /v1/chat/completions, "
-                   "POST /v1/completions, GET /v1/models, GET /health and the chat page at /") if status in (404, 405) \
+                   "POST /v1/completions, GET /v1/models, the Ollama API under /api, GET /health and the chat page at /") \
+            if status in (404, 405) \
             else str(exc.detail)
         request.scope.setdefault("state", {}).setdefault("jishi", {})["status"] = status
         return error_response(APIError(status, message, code="not_found" if status == 404 else "method_not_allowed"))
@@ -432,7 +435,10 @@ def build_app(server: Server) -> Starlette:
         return error_response(APIError(500, "the server failed on this request; see its log", type="server_error",
                                        code="internal_error"))
 
+    from jishi.runtime.server.dialect_ollama import routes as ollama_routes
+
     routes = [
+        *ollama_routes(server),
         Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
