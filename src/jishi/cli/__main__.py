@@ -1,0 +1,7 @@
+"""`python -m jishi.cli` is the `jishi` command."""
+
+import sys
+
+from jishi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""Small pieces the command groups share: tables, NAME=DIR specs, loading a model with the CLI's options."""
+
+from __future__ import annotations
+
+import sys
+
+from jishi.errors import JishiError
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: numbers right-aligned, text left-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if c[:1].isdigit() else c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def key_values(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def named_dir(spec: str) -> tuple[str, str]:
+    name, sep, directory = spec.partition("=")
+    if not sep or not name or not directory:
+        raise JishiError(f"expected NAME=DIR, got {spec!r}")
+    return name, directory
+
+
+def settings_text(settings, active: list[str] | None = None) -> str:
+    rows = settings.describe()
+    if active is not None:
+        rows.append(("session providers", " > ".join(active)))
+    if settings.why:
+        rows.append(("why", settings.why))
+    return key_values(rows)
+
+
+def load_model(args):
+    """``jishi.load`` with the command's --threads/--context/--force; --verbose says what was chosen."""
+    import jishi
+
+    model = jishi.load(args.bundle, threads=args.threads, context=args.context, force=args.force)
+    if getattr(args, "verbose", False):
+        print(settings_text(model.settings, model.engine.session.get_providers()), file=sys.stderr)
+    return model
+
+
+def add_load_options(p) -> None:
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    p.add_argument("--context", type=int, help="context window (default: the bundle's)")
+    p.add_argument("--force", action="store_true", help="load even if the model seems too big for free memory")
+    p.add_argument("--verbose", action="store_true", help="say which onnxruntime settings were chosen, and why")

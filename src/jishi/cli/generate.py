@@ -1,0 +1,96 @@
+"""`jishi run` (one prompt, streamed) and `jishi chat` (a conversation in the terminal)."""
+
+from __future__ import annotations
+
+import sys
+
+from jishi.errors import JishiError
+
+from .common import add_load_options, load_model
+
+
+def register(sub) -> None:
+    for name, help_text in (("run", "answer one prompt, streaming"), ("chat", "chat in the terminal")):
+        r = sub.add_parser(name, help=help_text)
+        r.add_argument("bundle", help="bundle directory or installed model name")
+        if name == "run":
+            r.add_argument("prompt", help="the prompt ('-' reads standard input)")
+            r.add_argument("--raw", action="store_true", help="send the prompt as it is, without the chat template")
+        else:
+            r.add_argument("--system", help="system prompt")
+        r.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
+        r.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+        r.add_argument("--top-k", type=int, default=40)
+        r.add_argument("--top-p", type=float, default=0.95)
+        r.add_argument("--repetition-penalty", type=float, default=1.1)
+        r.add_argument("--seed", type=int)
+        r.add_argument("--adapter", help="use this adapter of the bundle (see `jishi adapter list`)")
+        add_load_options(r)
+        r.set_defaults(func=run if name == "run" else chat)
+
+
+def sampling(args) -> dict:
+    return dict(
+        adapter=args.adapter,
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def run(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = load_model(args)
+    if args.raw or not model.manifest.tokenizer.chat_template:
+        stream = model.stream(prompt, **sampling(args))
+    else:
+        stream = model.chat_stream([{"role": "user", "content": prompt}], **sampling(args))
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def chat(args) -> int:
+    from jishi.runtime.chat import Conversation
+
+    model = load_model(args)
+    convo = Conversation(model, system=args.system, reserve=args.max_tokens)
+    print(f"{model.name} ({model.manifest.graph.quantization['name']}, context {model.context}). "
+          "Ctrl-C stops a reply, Ctrl-D or /exit leaves, /reset starts over.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            convo.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        try:
+            stream = convo.send(text, **sampling(args))
+        except JishiError as e:  # e.g. a message too long for the context: say so, keep chatting
+            print(f"jishi: {e}", file=sys.stderr)
+            continue
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
