@@ -130,3 +130,28 @@ def test_a_gguf_style_byte_level_tokenizer_reads_spaces_and_newlines(tiny_tokeni
         assert m.allowed()[t], tok.decode([t])
         m.accept(t)
     assert m.accepting
+
+
+def test_jishi_run_json_schema_and_a_bad_schema_file(tiny_bundles, tmp_path):
+    import subprocess
+    import sys
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+
+    def jishi_run(*args):
+        return subprocess.run([sys.executable, "-m", "jishi.cli", "run", str(tiny_bundles["fp32"]), *args],
+                              capture_output=True, text=True, timeout=300)
+
+    done = jishi_run("The person:", "--json-schema", str(schema), "--temperature", "1", "--seed", "2",
+                     "--max-tokens", "120")
+    assert done.returncode == 0, done.stderr
+    jsonschema.validate(json.loads(done.stdout), PERSON)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "wat"}')
+    done = jishi_run("x", "--json-schema", str(bad))
+    assert done.returncode != 0 and "JSON schema cannot be compiled" in done.stderr and "Traceback" not in done.stderr
+    done = jishi_run("x", "--grammar", str(tmp_path / "missing.lark"))
+    assert done.returncode != 0 and "cannot read the grammar file" in done.stderr
+    done = jishi_run("x", "--regex", "[0-9]{3}", "--max-tokens", "10")
+    assert done.returncode == 0 and re.fullmatch(r"[0-9]{3}\n", done.stdout), done.stdout
