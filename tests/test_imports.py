@@ -27,7 +27,8 @@ ALLOWED = {
     "jishi.errors": ((), ()),
     "jishi.heldout": ((), ()),
     "jishi.devices": ((), ("jishi.errors",)),
-    "jishi.runtime": (("numpy", "onnxruntime", "tokenizers", "jinja2", "cryptography"),
+    # llguidance: constrained decoding (a JSON schema, regex or grammar), a runtime feature
+    "jishi.runtime": (("numpy", "onnxruntime", "tokenizers", "jinja2", "cryptography", "llguidance"),
                       ("jishi.errors", "jishi.devices")),
     "jishi.export": (("numpy", "torch", "onnx", "onnxruntime", "optimum", "safetensors", "cryptography", "tqdm"),
                      ("jishi.errors", "jishi.runtime", "jishi.devices", "jishi.distill.base", "jishi.heldout")),
@@ -38,7 +39,7 @@ ALLOWED = {
                        "jishi.runtime.store", "jishi.devices")),
 }
 # The server is the runtime plus its web stack (the [serve] extra).
-ALLOWED["jishi.runtime.server"] = (ALLOWED["jishi.runtime"][0] + ("starlette", "uvicorn"),
+ALLOWED["jishi.runtime.server"] = (ALLOWED["jishi.runtime"][0] + ("starlette", "uvicorn", "jsonschema"),
                                   ALLOWED["jishi.runtime"][1] + ("jishi.runtime",))
 
 
