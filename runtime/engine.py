@@ -174,6 +174,26 @@ class Engine:
             self._bind_step()
         return np.concatenate(out, axis=0) if all_logits else logits[-1]
 
+    def hidden_states(self, ids: list[int]) -> np.ndarray:
+        """The final-norm hidden state of each of ``ids`` (n × hidden), fed from an empty cache."""
+        self.reset()
+        if len(ids) > self.context:
+            raise ContextLengthError(f"{len(ids)} tokens do not fit in the context window of {self.context}")
+        self._reserve(len(ids))
+        out = []
+        try:
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                chunk = ids[start:start + PREFILL_CHUNK]
+                hidden = np.empty((len(chunk), self.cfg.hidden_size), np.float32)
+                self._io.bind_ortvalue_output("hidden_states", ort.OrtValue.ortvalue_from_numpy(hidden))
+                self._run_chunk(chunk, False)
+                out.append(hidden)
+        finally:
+            self._io.clear_binding_outputs()
+            self._bind_kv()
+            self._bind_step()
+        return np.concatenate(out, axis=0)
+
     def _run_chunk(self, chunk: list[int], all_logits: bool) -> np.ndarray:
         pos, n = len(self.tokens), len(chunk)
         io = self._io

@@ -32,6 +32,7 @@ class Result:
 
 
 SCORE_CHUNK = 128  # tokens whose logits score() holds at once
+POOLING = {"mean": lambda h: h.mean(axis=0), "last": lambda h: h[-1]}
 
 
 class Stream:
@@ -309,6 +310,44 @@ class Model:
             logz = np.log(np.exp(logits).sum(axis=-1))
             out.append(logits[np.arange(len(chunk)), ids[start + 1:start + 1 + len(chunk)]] - logz)
         return np.concatenate(out)
+
+    # --- embeddings ------------------------------------------------------------------
+
+    @property
+    def has_embeddings(self) -> bool:
+        g = self.manifest.graph
+        return self.manifest.format_version >= 2 and "hidden_states" in g.outputs
+
+    def embed(self, texts: str | list[str], pooling: str = "mean", normalize: bool = True,
+              adapter: str | None = None, truncate: bool = False) -> np.ndarray:
+        """One vector per text (n × hidden, float32): the final-norm hidden states of its tokens,
+        averaged (``pooling="mean"``) or the last token's (``"last"``), scaled to length 1
+        unless ``normalize=False``. A text longer than the context is an error, or with
+        ``truncate`` keeps its start."""
+        if not self.has_embeddings:
+            raise BundleError(f"the bundle {self.name} was built before jishi's graphs returned hidden states "
+                              f"(format version {self.manifest.format_version}); rebuild it with `jishi build` "
+                              "for embeddings")
+        if pooling not in POOLING:
+            raise JishiError(f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if not texts or not all(isinstance(t, str) and t for t in texts):
+            raise JishiError("embed() needs one or more non-empty texts")
+        self.use_adapter(adapter)
+        out = np.empty((len(texts), self.manifest.config.hidden_size), np.float32)
+        for i, text in enumerate(texts):
+            ids = self.tokenizer.encode(text)
+            if len(ids) > self.context:
+                if not truncate:
+                    raise ContextLengthError(f"text {i} is {len(ids)} tokens, longer than the context of "
+                                             f"{self.context}; shorten it or pass truncate=True")
+                ids = ids[:self.context]
+            out[i] = POOLING[pooling](self.engine.hidden_states(ids))
+        self.engine.reset()
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out[0] if single else out
 
     # --- the loop --------------------------------------------------------------------
 

@@ -138,7 +138,7 @@ def build(
                 data_file="model.onnx.data",
                 quantization=recipe.as_dict(),
                 inputs=["input_ids", "seqlens_k", "total_sequence_length", "logits_index", "past_key.*", "past_value.*"],
-                outputs=["logits", "present_key.*", "present_value.*"],
+                outputs=["logits", "hidden_states", "present_key.*", "present_value.*"],
             ),
             tokenizer=base_model.tokenizer_info(),
             files={},
