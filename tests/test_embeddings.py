@@ -72,3 +72,54 @@ def test_an_old_bundle_says_rebuild_for_embeddings(tiny_bundles, tmp_path):
     assert model.generate("Hi", temperature=0, max_new_tokens=3).completion_tokens == 3  # still generates
     with pytest.raises(BundleError, match="rebuild it with `jishi build` for embeddings"):
         model.embed("x")
+
+
+@pytest.fixture(scope="module")
+def live(model):
+    pytest.importorskip("starlette")
+    from serving import LiveServer
+
+    with LiveServer(model, max_concurrent=2, queue=4) as s:
+        yield s
+
+
+def test_openai_embeddings_endpoint(live, model):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
+    r = client.embeddings.create(model=model.name, input=TEXTS)
+    got = np.array([d.embedding for d in r.data], np.float32)
+    np.testing.assert_allclose(got, model.embed(TEXTS), atol=1e-6)
+    assert [d.index for d in r.data] == [0, 1, 2]
+    assert r.usage.prompt_tokens == sum(len(model.tokenizer.encode(t)) for t in TEXTS)
+    import base64
+
+    import httpx
+
+    raw = httpx.post(live.url + "/v1/embeddings", json={"input": TEXTS[0], "encoding_format": "float"}).json()
+    np.testing.assert_allclose(raw["data"][0]["embedding"], model.embed(TEXTS[0]), atol=1e-6)
+    b64 = httpx.post(live.url + "/v1/embeddings", json={"input": TEXTS[0], "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), "<f4")
+    np.testing.assert_allclose(decoded, model.embed(TEXTS[0]), atol=1e-6)
+
+
+def test_ollama_embed_endpoint(live, model):
+    ollama = pytest.importorskip("ollama")
+    r = ollama.Client(host=live.url).embed(model=f"{model.name}:latest", input=TEXTS)
+    np.testing.assert_allclose(np.array(r.embeddings, np.float32), model.embed(TEXTS), atol=1e-6)
+    assert r.prompt_eval_count == sum(len(model.tokenizer.encode(t)) for t in TEXTS)
+    long = ollama.Client(host=live.url).embed(model=model.name, input="word " * 400)  # truncated, as Ollama does
+    assert len(long.embeddings[0]) == 64
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/embeddings", {"input": []}, "input"),
+    ("/v1/embeddings", {"input": ["ok", 5]}, "input[1]"),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, "encoding_format"),
+    ("/v1/embeddings", {"input": "word " * 400}, "input"),
+    ("/v1/embeddings", {"input": "x", "dimensions": 8}, "dimensions"),
+])
+def test_bad_embedding_requests_are_400(live, path, body, param):
+    import httpx
+
+    r = httpx.post(live.url + path, json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -402,6 +402,20 @@ def build_app(server: Server) -> Starlette:
     async def completions(request):
         return await generate(request, chat=False)
 
+    async def embeddings(request):
+        from jishi.runtime.server import embeddings as E
+
+        info = request.scope["state"]["jishi"]
+        check_key(server, request)
+        body = await read_json(request, server.config.max_body)
+        texts, fmt = E.openai_body(body)
+        model_id = body.get("model") if isinstance(body.get("model"), str) else None
+        adapter = server.resolve_model(model_id)
+        info["model"] = model_id or server.model.name
+        vectors, tokens = await E.embed(server, texts, adapter, truncate=False)
+        info["prompt_tokens"] = tokens
+        return JSONResponse(E.openai_response(vectors, fmt, model_id or server.model.name, tokens))
+
     async def models(request):
         check_key(server, request)
         data = [{"id": mid, "object": "model", "created": server.created, "owned_by": "jishi"}
@@ -424,7 +438,7 @@ def build_app(server: Server) -> Starlette:
     async def not_found(request, exc: HTTPException):
         status = exc.status_code
         message = (f"no route {request.method} {request.url.path}; this server has POST /v1/chat/completions, "
-                   "POST /v1/completions, GET /v1/models, the Ollama API under /api, GET /health and the chat page at /") \
+                   "POST /v1/completions, POST /v1/embeddings, GET /v1/models, the Ollama API under /api, GET /health and the chat page at /") \
             if status in (404, 405) \
             else str(exc.detail)
         request.scope.setdefault("state", {}).setdefault("jishi", {})["status"] = status
@@ -442,6 +456,7 @@ def build_app(server: Server) -> Starlette:
         Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/v1/embeddings", guarded(embeddings), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/", page("index.html", "text/html; charset=utf-8"), methods=["GET"]),
         Route("/static/app.js", page("app.js", "text/javascript; charset=utf-8"), methods=["GET"]),

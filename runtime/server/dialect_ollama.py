@@ -1,5 +1,5 @@
 """An Ollama-compatible API on the same port: /api/version, /api/tags, /api/show, /api/ps,
-/api/chat and /api/generate (NDJSON streaming, on by default as in Ollama).
+/api/chat and /api/generate (NDJSON streaming, on by default as in Ollama), /api/embed.
 
 Names are ``name:tag``: ``NAME:latest`` (or plain ``NAME``) is the bundle, ``NAME:ADAPTER``
 one of its adapters. ``format`` is "json" or a JSON schema; ``options`` takes num_predict,
@@ -399,8 +399,28 @@ def routes(server) -> list[Route]:
     async def generate(request):
         return await generate_or_chat(request, chat=False)
 
+    async def embed(request):
+        from jishi.runtime.server import embeddings as E
+
+        started = time.monotonic()
+        info = request.scope["state"]["jishi"]
+        check_key(server, request)
+        body = await read_json(request, server.config.max_body)
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            raise bad("'model' is required: a name from /api/tags", "model")
+        texts = E.inputs(body)
+        truncate = body.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise bad("'truncate' must be true or false", "truncate")
+        adapter = resolve(body["model"])
+        info["model"] = body["model"]
+        vectors, tokens = await E.embed(server, texts, adapter, truncate=truncate)
+        info["prompt_tokens"] = tokens
+        return JSONResponse(E.ollama_response(vectors, body["model"], tokens, started))
+
     return [
         Route("/api/version", version, methods=["GET"]),
+        Route("/api/embed", guarded(embed), methods=["POST"]),
         Route("/api/tags", guarded(tags), methods=["GET"]),
         Route("/api/ps", guarded(ps), methods=["GET"]),
         Route("/api/show", guarded(show), methods=["POST"]),
