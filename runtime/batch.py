@@ -133,6 +133,22 @@ class BatchEngine:
         self._kv = kv
         self._bindings.clear()  # they point at the old block
 
+    @property
+    def kv_bytes(self) -> int:
+        return self._kv.nbytes
+
+    def shrink(self) -> bool:
+        """Empty every lane and give the block back down to its first step (the lanes must be
+        idle). True if it was larger."""
+        first = min(self.context, KV_STEP)
+        if self.capacity <= first:
+            return False
+        for lane in self.lanes:
+            lane.reset()
+        self._kv = np.zeros(self._kv.shape[:3] + (first, self._kv.shape[4]), np.float32)
+        self._bindings.clear()
+        return True
+
     def swap(self, a: int, b: int) -> None:
         """Exchange the caches in rows ``a`` and ``b`` (and which lane is where)."""
         if a == b:

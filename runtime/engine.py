@@ -128,6 +128,20 @@ class Engine:
     def reset(self) -> None:
         self.tokens = []
 
+    @property
+    def kv_bytes(self) -> int:
+        return self._kv.nbytes
+
+    def shrink(self) -> bool:
+        """Empty the cache and give it back down to its first step. True if it was larger."""
+        first = min(self.context, KV_STEP)
+        if self.capacity <= first:
+            return False
+        self.tokens = []
+        self._kv = np.zeros(self._kv.shape[:3] + (0, self._kv.shape[4]), dtype=np.float32)
+        self._reserve(first)
+        return True
+
     def copy_prefix(self, other: "Engine", n: int) -> None:
         """Hold the first ``n`` tokens of ``other``'s cache (an engine on the same session and inputs)."""
         self.tokens = []

@@ -40,6 +40,7 @@ class ServerConfig:
     max_tokens: int = 512  # the answer's length when a request does not say
     max_body: int = 1 << 20  # bytes
     batch: bool = True  # decode the active answers in one run (per adapter) instead of one run each
+    release_after: float = 30.0  # idle seconds after which the KV caches are dropped and shrunk
 
 
 class Server:
@@ -48,7 +49,8 @@ class Server:
     def __init__(self, model, config: ServerConfig):
         self.model = model
         self.config = config
-        self.scheduler = Scheduler(model, config.max_concurrent, config.queue, batch=config.batch)
+        self.scheduler = Scheduler(model, config.max_concurrent, config.queue, batch=config.batch,
+                                   release_after=config.release_after)
         self.created = int(time.time())
         unknown = set(config.adapter_system) - set(model.adapters)
         if unknown:

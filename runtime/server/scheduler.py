@@ -86,7 +86,8 @@ class Slot:
 
 
 class Scheduler:
-    def __init__(self, model, max_concurrent: int = 4, queue_limit: int = 16, batch: bool = True):
+    def __init__(self, model, max_concurrent: int = 4, queue_limit: int = 16, batch: bool = True,
+                 release_after: float = 30.0):
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         if queue_limit < 0:
@@ -116,6 +117,8 @@ class Scheduler:
         self.steps = 0  # model runs, prefill chunks included
         self.served = 0
         self.forks = 0  # answers started from another's prefill (n > 1)
+        self.release_after = release_after  # idle seconds before the caches are dropped and shrunk
+        self.releases = 0
 
     # --- the outside: any thread -------------------------------------------------------
 
@@ -160,7 +163,8 @@ class Scheduler:
         with self._cond:
             return {"slots": len(self.slots), "active": sum(s.job is not None for s in self.slots),
                     "queued": len(self._waiting), "queue_limit": self.queue_limit, "served": self.served,
-                    "tokens_generated": self.tokens_generated, "batched": self.batch is not None}
+                    "tokens_generated": self.tokens_generated, "batched": self.batch is not None,
+                    "kv_bytes": self.kv_bytes()}
 
     def _retry_after(self) -> int:
         per_job = sorted(self._durations)[len(self._durations) // 2] if self._durations else 2.0
@@ -173,7 +177,8 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._stop and not self._waiting and all(s.job is None for s in self.slots):
-                    self._cond.wait()
+                    if not self._cond.wait(timeout=self.release_after) and self._release_memory():
+                        continue
                 if self._stop:
                     return
                 self._admit()
@@ -191,6 +196,23 @@ class Scheduler:
             if ready:
                 self.decode_round(ready)
             time.sleep(0)  # let the event loop thread take the GIL and send what was made
+
+    def _release_memory(self) -> bool:
+        """After ``release_after`` idle seconds: drop the slots' caches and shrink the KV blocks
+        back to their first step, so memory returns to its bound after a burst. True if any shrank."""
+        engines = [self.batch] if self.batch is not None else [s.engine for s in self.slots]
+        shrunk = False
+        for e in engines:
+            shrunk = e.shrink() or shrunk
+        if shrunk:
+            self.releases += 1
+        return shrunk
+
+    def kv_bytes(self) -> int:
+        """Bytes the slots' KV caches hold now."""
+        if self.batch is not None:
+            return self.batch.kv_bytes
+        return sum(s.engine.kv_bytes for s in self.slots)
 
     def _admit(self) -> None:
         """Move waiting jobs into free slots, oldest first (called with the lock held)."""
