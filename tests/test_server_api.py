@@ -248,3 +248,16 @@ def test_the_server_stays_up_after_bad_values(live):
                  b'{"prompt": "x", "logprobs": -1}', b'{"prompt": "x", "n": 0}'):
         assert raw(live, body, "/v1/completions").status_code == 400
     assert live.health()["status"] == "ok"
+
+
+def test_the_openai_clients_pydantic_parse(client, model):
+    pydantic = pytest.importorskip("pydantic")
+
+    class Reading(pydantic.BaseModel):
+        sensor: str = pydantic.Field(max_length=8)
+        celsius: int = pydantic.Field(ge=-40, le=60)
+
+    r = client.chat.completions.parse(model=model.name, messages=[{"role": "user", "content": "Reading?"}],
+                                      response_format=Reading, temperature=1.0, seed=3, max_tokens=80)
+    parsed = r.choices[0].message.parsed
+    assert isinstance(parsed, Reading) and -40 <= parsed.celsius <= 60
