@@ -373,7 +373,13 @@ def _plan(server: Server, req: Request, info: dict) -> tuple[list[dict], int]:
     return [dict(one) for _ in range(req.n)], len(ids)
 
 
-def build_app(server: Server) -> Starlette:
+def build_app(server) -> Starlette:
+    """The app for one ``Server`` or a ``fleet.Fleet`` of several models."""
+    from jishi.runtime.server.fleet import Fleet
+
+    fleet = server if isinstance(server, Fleet) else Fleet.single(server)
+    config = fleet.config
+    created = int(time.time())
     static = {name: resources.files("jishi.runtime.server").joinpath("static", name).read_bytes()
               for name in ("index.html", "app.js", "style.css")}
 
@@ -390,9 +396,10 @@ def build_app(server: Server) -> Starlette:
         from jishi.runtime.server.dialect_openai import Renderer
 
         info = request.scope["state"]["jishi"]
-        check_key(server, request)
-        body = await read_json(request, server.config.max_body)
+        check_key(fleet, request)
+        body = await read_json(request, config.max_body)
         req = parse_chat(body) if chat else parse_completion(body)
+        server = await fleet.server_for(req.model)
         jobs_args, prompt_tokens = _plan(server, req, info)
         renderer = Renderer(server.model.tokenizer, chat, req.model or server.model.name, prompt_tokens, req.stream,
                             req.include_usage, tools_on=bool(req.tools) and req.tool_choice != "none")
@@ -408,10 +415,11 @@ def build_app(server: Server) -> Starlette:
         from jishi.runtime.server import embeddings as E
 
         info = request.scope["state"]["jishi"]
-        check_key(server, request)
-        body = await read_json(request, server.config.max_body)
+        check_key(fleet, request)
+        body = await read_json(request, config.max_body)
         texts, fmt = E.openai_body(body)
         model_id = body.get("model") if isinstance(body.get("model"), str) else None
+        server = await fleet.server_for(model_id)
         adapter = server.resolve_model(model_id)
         info["model"] = model_id or server.model.name
         vectors, tokens = await E.embed(server, texts, adapter, truncate=False)
@@ -419,14 +427,20 @@ def build_app(server: Server) -> Starlette:
         return JSONResponse(E.openai_response(vectors, fmt, model_id or server.model.name, tokens))
 
     async def models(request):
-        check_key(server, request)
-        data = [{"id": mid, "object": "model", "created": server.created, "owned_by": "jishi"}
-                for mid in server.model_ids()]
+        check_key(fleet, request)
+        data = [{"id": mid, "object": "model", "created": created, "owned_by": "jishi"} for mid in fleet.ids()]
         return JSONResponse({"object": "list", "data": data})
 
     async def health(request):
-        return JSONResponse({"status": "ok", "model": server.model.name, "context": server.model.context,
-                             **server.scheduler.status()})
+        loaded = fleet.loaded()
+        first = fleet.default.server
+        body = {"status": "ok", "model": fleet.default.name, "models": {
+            e.name: ({"loaded": True, "context": e.server.model.context, **e.server.scheduler.status()}
+                     if e.server is not None else {"loaded": False}) for e in fleet.entries.values()}}
+        if first is not None:  # the first model's figures at the top, as before
+            body.update(context=first.model.context, **first.scheduler.status())
+        body["loaded"] = [e.name for e in loaded]
+        return JSONResponse(body)
 
     def page(name, media):
         async def endpoint(request):
@@ -454,7 +468,7 @@ def build_app(server: Server) -> Starlette:
     from jishi.runtime.server.dialect_ollama import routes as ollama_routes
 
     routes = [
-        *ollama_routes(server),
+        *ollama_routes(fleet),
         Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
@@ -467,9 +481,10 @@ def build_app(server: Server) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        server.scheduler.start()
+        for e in fleet.loaded():
+            e.server.scheduler.start()
         yield
-        server.scheduler.stop()
+        fleet.close()
 
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: not_found, Exception: crashed})

@@ -269,14 +269,13 @@ def _args(arguments):
 # --- the model list --------------------------------------------------------------------------
 
 
-def _digest(model) -> str:
-    return hashlib.sha256(model.bundle.manifest_bytes if hasattr(model.bundle, "manifest_bytes")
-                          else repr(model.manifest.files).encode()).hexdigest()
+def _digest(bundle) -> str:
+    return hashlib.sha256(repr(sorted((k, v.sha256) for k, v in bundle.manifest.files.items())).encode()).hexdigest()
 
 
-def _details(model) -> dict:
-    c = model.manifest.config
-    q = model.manifest.graph.quantization.get("name", "unknown")
+def _details(bundle) -> dict:
+    c = bundle.manifest.config
+    q = bundle.manifest.graph.quantization.get("name", "unknown")
     params = c.vocab_size * c.hidden_size + c.num_layers * (
         c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * c.hidden_size
         + 3 * c.hidden_size * c.intermediate_size)
@@ -285,20 +284,22 @@ def _details(model) -> dict:
             "parameter_size": size, "quantization_level": q}
 
 
-def _names(server) -> list[tuple[str, str | None]]:
-    name = server.model.name
-    return [(f"{name}:latest", None)] + [(f"{name}:{a}", a) for a in server.model.adapters]
+def _names(fleet) -> list[tuple[str, object]]:
+    """(Ollama name, fleet entry) of every model: NAME:latest, then NAME:ADAPTER."""
+    return [(n, e) for e in fleet.entries.values()
+            for n in [f"{e.name}:latest"] + [f"{e.name}:{a}" for a in e.adapters]]
 
 
-def _entry(server, tag_name: str) -> dict:
-    model = server.model
-    built = model.manifest.provenance.get("built_at") if isinstance(model.manifest.provenance, dict) else None
-    return {"name": tag_name, "model": tag_name, "modified_at": built or now_iso(), "size": model.bundle.size,
-            "digest": _digest(model), "details": _details(model)}
+def _entry(bundle, tag_name: str) -> dict:
+    prov = bundle.manifest.provenance if isinstance(bundle.manifest.provenance, dict) else {}
+    return {"name": tag_name, "model": tag_name, "modified_at": prov.get("built_at") or now_iso(),
+            "size": bundle.size, "digest": _digest(bundle), "details": _details(bundle)}
 
 
-def routes(server) -> list[Route]:
+def routes(fleet) -> list[Route]:
     from jishi.runtime.server.app import JobResponse, _plan, check_key, read_json
+
+    config = fleet.config
 
     def guarded(handler):
         async def endpoint(request):
@@ -309,36 +310,49 @@ def routes(server) -> list[Route]:
                 return Renderer.error_response(e)
         return endpoint
 
-    def resolve(name: str):
+    def not_found(name: str) -> APIError:
+        return APIError(404, f"model {name!r} not found; /api/tags lists: {', '.join(n for n, _ in _names(fleet))}",
+                        param="model")
+
+    async def server_and_adapter(name: str):
         try:
-            return server.resolve_model(name)
-        except APIError as e:
-            raise APIError(404, f"model {name!r} not found; /api/tags lists: "
-                           f"{', '.join(n for n, _ in _names(server))}", param="model") from None
+            fleet.entry_for(name)
+        except APIError:
+            raise not_found(name) from None
+        server = await fleet.server_for(name)
+        try:
+            return server, server.resolve_model(name)
+        except APIError:
+            raise not_found(name) from None
 
     async def version(request):
         return JSONResponse({"version": OLLAMA_VERSION})
 
     async def tags(request):
-        check_key(server, request)
-        return JSONResponse({"models": [_entry(server, n) for n, _ in _names(server)]})
+        check_key(fleet, request)
+        return JSONResponse({"models": [_entry(e.bundle, n) for n, e in _names(fleet)]})
 
     async def ps(request):
-        check_key(server, request)
-        model = server.model
+        check_key(fleet, request)
         out = []
-        for n, _ in _names(server):
-            e = _entry(server, n)
-            out.append({**e, "expires_at": "2999-12-31T23:59:59Z", "size_vram": 0, "context_length": model.context})
+        for n, e in _names(fleet):
+            if e.server is None:
+                continue
+            expires = "2999-12-31T23:59:59Z"
+            if fleet.idle_unload != float("inf"):
+                at = time.time() + max(0.0, fleet.idle_unload - (time.monotonic() - e.last_used))
+                expires = datetime.fromtimestamp(at, timezone.utc).isoformat().replace("+00:00", "Z")
+            out.append({**_entry(e.bundle, n), "expires_at": expires, "size_vram": 0,
+                        "context_length": e.server.model.context})
         return JSONResponse({"models": out})
 
     async def show(request):
-        check_key(server, request)
-        body = await read_json(request, server.config.max_body)
+        check_key(fleet, request)
+        body = await read_json(request, config.max_body)
         name = body.get("model") or body.get("name") if isinstance(body, dict) else None
         if not isinstance(name, str):
             raise bad("'model' is required: a name from /api/tags", "model")
-        adapter = resolve(name)
+        server, adapter = await server_and_adapter(name)
         model = server.model
         m = model.manifest
         d = DEFAULTS
@@ -360,16 +374,16 @@ def routes(server) -> list[Route]:
             f"PARAMETER {line}\n" for line in parameters.splitlines()) + (f'SYSTEM """{system}"""\n' if system else "")
         return JSONResponse({"license": licence, "modelfile": modelfile, "parameters": parameters,
                              "template": m.tokenizer.chat_template or "", "system": system or "",
-                             "details": _details(model), "model_info": info, "capabilities": caps,
+                             "details": _details(model.bundle), "model_info": info, "capabilities": caps,
                              "modified_at": prov.get("built_at") or now_iso(),
                              "adapter": adapter})
 
     async def generate_or_chat(request, chat: bool):
         info = request.scope["state"]["jishi"]
-        check_key(server, request)
-        body = await read_json(request, server.config.max_body)
+        check_key(fleet, request)
+        body = await read_json(request, config.max_body)
         req, extra = parse(body, chat)
-        adapter = resolve(req.model)
+        server, adapter = await server_and_adapter(req.model)
         model = server.model
         num_ctx = min(extra["num_ctx"] or model.context, model.context)
         np_ = extra["num_predict"]
@@ -404,15 +418,15 @@ def routes(server) -> list[Route]:
 
         started = time.monotonic()
         info = request.scope["state"]["jishi"]
-        check_key(server, request)
-        body = await read_json(request, server.config.max_body)
+        check_key(fleet, request)
+        body = await read_json(request, config.max_body)
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise bad("'model' is required: a name from /api/tags", "model")
         texts = E.inputs(body)
         truncate = body.get("truncate", True)
         if not isinstance(truncate, bool):
             raise bad("'truncate' must be true or false", "truncate")
-        adapter = resolve(body["model"])
+        server, adapter = await server_and_adapter(body["model"])
         info["model"] = body["model"]
         vectors, tokens = await E.embed(server, texts, adapter, truncate=truncate)
         info["prompt_tokens"] = tokens
