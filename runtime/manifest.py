@@ -75,6 +75,7 @@ class Manifest:
     adapters: list[dict] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)  # the model's own defaults (runtime/defaults.py)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -110,6 +111,7 @@ class Manifest:
                 adapters=list(body.get("adapters") or []),
                 provenance=dict(body.get("provenance") or {}),
                 evaluation=dict(body.get("evaluation") or {}),
+                defaults=dict(body.get("defaults") or {}),
                 format_version=version,  # kept: an old bundle stays old when its manifest is written again
             )
         except (TypeError, ValueError) as e:

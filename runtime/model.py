@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -115,6 +115,9 @@ class Model:
         self.settings = for_this_machine(threads)  # from the device profile; ``threads`` overrides its count
         self.threads = self.settings.threads
         self.tokenizer = Tokenizer(bundle.path(m.tokenizer.file), m.tokenizer)
+        from jishi.runtime import defaults
+
+        self.defaults = defaults.of(m)  # the model's own sampling values, system prompt, stops
         mp = m.merge_points or {}
         # A bundle may hold its graph twice over one weights file: with merge points (opened
         # when an adapter is first used) and without (faster, for requests with no adapter).
@@ -215,17 +218,17 @@ class Model:
     def stream(
         self,
         prompt: str,
-        max_new_tokens: int = 256,
-        temperature: float = 0.7,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        repetition_penalty: float = 1.1,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
         stop: str | Iterable[str] | None = None,
         seed: int | None = None,
         truncate: bool = False,
         chat: bool = False,
         adapter: str | None = None,
-        min_p: float = 0.0,
+        min_p: float | None = None,
         logit_bias: dict[int, float] | None = None,
         schema=None,
         regex: str | None = None,
@@ -240,13 +243,21 @@ class Model:
         class), ``regex``, ``grammar`` (Lark) or ``json_object=True`` (any JSON object).
         ``logprobs=k`` records each token's log-probability and its k (0..20) most likely
         alternatives in ``Result.logprobs``. Temperature 0 is plain greedy: the repetition
-        penalty, top-k, top-p and min-p apply only when sampling."""
+        penalty, top-k, top-p and min-p apply only when sampling. A value left None is the
+        model's default (``self.defaults``: jishi's own unless the bundle sets others), and so
+        are the stops and the answer length (256 tokens unless the bundle says)."""
         try:
             bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
-            params = SamplingParams(temperature, top_k, top_p, repetition_penalty, min_p, bias)
+            params = replace(self.defaults.sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                    repetition_penalty=repetition_penalty, min_p=min_p),
+                             logit_bias=bias)
             params.check_vocab(self.manifest.config.vocab_size)
         except (ValueError, TypeError) as e:
             raise JishiError(str(e)) from None
+        if max_new_tokens is None:
+            max_new_tokens = self.defaults.max_tokens or 256
+        if stop is None:
+            stop = self.defaults.stop
         if max_new_tokens < 1:
             raise JishiError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         from jishi.runtime.generation import MAX_TOP_LOGPROBS, make_rng
@@ -274,6 +285,10 @@ class Model:
         return self.stream(self.chat_prompt(messages), chat=True, **kwargs)
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The prompt for these messages; the model's default system prompt first when they bring none."""
+        system = self.defaults.system_prompt
+        if system and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": system}] + list(messages)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
 
     def matcher(self, constraint):

@@ -14,7 +14,7 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 
 from starlette.applications import Starlette
@@ -367,8 +367,10 @@ def _plan(server: Server, req: Request, info: dict) -> tuple[list[dict], int]:
         req.params.check_vocab(model.manifest.config.vocab_size)
     except ValueError as e:
         raise bad(str(e), "logit_bias") from None
-    budget = req.max_tokens or min(server.config.max_tokens, room)
-    one = dict(prompt_ids=ids, budget=budget, params=req.params, stops=req.stop, seed=req.seed, adapter=adapter,
+    d = model.defaults
+    params = replace(d.sampling(**dict(req.given)), logit_bias=req.params.logit_bias)  # unset: the model's own
+    budget = req.max_tokens or min(d.max_tokens or server.config.max_tokens, room)
+    one = dict(prompt_ids=ids, budget=budget, params=params, stops=req.stop or d.stop, seed=req.seed, adapter=adapter,
                constraint=constraint, logprobs=req.logprobs)
     return [dict(one) for _ in range(req.n)], len(ids)
 

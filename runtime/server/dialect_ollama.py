@@ -81,6 +81,9 @@ def parse(body, chat: bool) -> tuple[Request, dict]:
         )
     except ValueError as e:
         raise bad(str(e), "options") from None
+    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+             "repetition_penalty": "repeat_penalty"}
+    given = tuple((ours, getattr(params, ours)) for ours, theirs in names.items() if options.get(theirs) is not None)
     seed = _opt_int(options, "seed", None, 2**64 - 1)
     if seed is not None and seed < 0:  # Ollama's "-1" (and any negative): a random seed
         seed = None
@@ -153,7 +156,7 @@ def parse(body, chat: bool) -> tuple[Request, dict]:
                         [{"role": "user", "content": prompt}]
     req = Request(model=model, messages=converted, prompt=prompt if converted is None else None, max_tokens=None,
                   params=params, stop=stops, seed=seed, stream=stream, include_usage=False, constraint=constraint,
-                  constraint_param="format", tools=tools, tool_choice="auto" if tools else "none")
+                  constraint_param="format", tools=tools, tool_choice="auto" if tools else "none", given=given)
     return req, {"num_predict": num_predict, "num_ctx": num_ctx, "raw_prompt": prompt}
 
 
@@ -355,12 +358,12 @@ def routes(fleet) -> list[Route]:
         server, adapter = await server_and_adapter(name)
         model = server.model
         m = model.manifest
-        d = DEFAULTS
-        system = server.systems.get(adapter)
+        d = model.defaults
+        system = server.systems.get(adapter) or d.system_prompt
         parameters = "\n".join([f"temperature {d.temperature}", f"top_k {d.top_k}", f"top_p {d.top_p}",
                                 f"min_p {d.min_p}", f"repeat_penalty {d.repetition_penalty}",
-                                f"num_ctx {model.context}", f"num_predict {server.config.max_tokens}",
-                                *(f'stop "{t}"' for t in m.tokenizer.eos_tokens)])
+                                f"num_ctx {model.context}", f"num_predict {d.max_tokens or server.config.max_tokens}",
+                                *(f'stop "{t}"' for t in (*m.tokenizer.eos_tokens, *d.stop))])
         prov = m.provenance if isinstance(m.provenance, dict) else {}
         licence = prov.get("license") or (f"see the licence of the base model {prov.get('base', m.name)!r}; "
                                           "this bundle does not record one")
@@ -401,7 +404,7 @@ def routes(fleet) -> list[Route]:
         room = num_ctx - len(ids)
         if room < 1:
             raise bad(f"the prompt is {len(ids)} tokens and num_ctx is {num_ctx}: shorten it", "prompt")
-        budget = room if np_ in (-1, -2) else min(np_ or server.config.max_tokens, room)
+        budget = room if np_ in (-1, -2) else min(np_ or model.defaults.max_tokens or server.config.max_tokens, room)
         req = replace(req, max_tokens=budget)
         jobs_args, prompt_tokens = _plan(server, req, info)
         renderer = Renderer(req.model, chat, prompt_tokens, bool(req.tools), None if chat else ids)

@@ -39,6 +39,8 @@ def bad(message: str, param: str | None = None, code: str | None = "invalid_valu
 
 
 MAX_N = 8
+SAMPLING_FIELDS = (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p"),
+                   ("repetition_penalty", "repetition_penalty"))  # (SamplingParams field, body field)
 MAX_SEED = 2**64 - 1
 
 
@@ -59,6 +61,7 @@ class Request:
     constraint_param: str | None = None  # the field it came from, for errors
     tools: tuple = ()  # tools.Tool
     tool_choice: object = "auto"  # "auto", "none", "required" or a tool name
+    given: tuple = ()  # (name, value) of the sampling values the request set: the rest are the model's defaults
 
 
 def _number(body: dict, name: str, lo: float, hi: float, default, lo_open: bool = False):
@@ -273,7 +276,8 @@ def _common(body: dict, chat: bool) -> dict:
     if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
         raise bad("'stream_options' must be an object like {\"include_usage\": true}", "stream_options", "invalid_type")
     constraint, param = _constraint(body)
-    return dict(model=model, max_tokens=max_tokens, params=params, stop=stops, seed=seed, stream=stream,
+    given = tuple((name, getattr(params, name)) for name, key in SAMPLING_FIELDS if body.get(key) is not None)
+    return dict(model=model, max_tokens=max_tokens, params=params, stop=stops, seed=seed, stream=stream, given=given,
                 include_usage=bool(options and options.get("include_usage")), n=n, logprobs=logprobs,
                 constraint=constraint, constraint_param=param)
 

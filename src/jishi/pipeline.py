@@ -142,6 +142,7 @@ def build(
             ),
             tokenizer=base_model.tokenizer_info(),
             files={},
+            defaults=_generation_defaults(base_model.source),
             merge_points={"targets": list(TARGETS), "rank": "dynamic",
                           "a_default": "block_sums" if recipe.name == "int4" and recipe.zero_point_correction else "zeros",
                           "block": recipe.block, **({"graph": adapter_graph} if adapter_graph else {})}
@@ -335,3 +336,10 @@ def _versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
+
+
+def _generation_defaults(source) -> dict:
+    """The sampling defaults a Hugging Face base directory's generation_config.json sets."""
+    from jishi.runtime.defaults import from_generation_config
+
+    return from_generation_config(source) if Path(source).is_dir() else {}

@@ -24,12 +24,14 @@ def register(sub) -> None:
             shape.add_argument("--grammar", metavar="FILE", help="the answer follows this Lark grammar file")
         else:
             r.add_argument("--system", help="system prompt")
-        r.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
-        r.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
-        r.add_argument("--top-k", type=int, default=40)
-        r.add_argument("--top-p", type=float, default=0.95)
-        r.add_argument("--repetition-penalty", type=float, default=1.1, help="applies when sampling (default 1.1)")
-        r.add_argument("--min-p", type=float, default=0.0,
+        # Unset values are the model's defaults (`jishi defaults BUNDLE` shows them).
+        r.add_argument("--max-tokens", type=int, help="most new tokens per answer (default: the model's, else 256)")
+        r.add_argument("--temperature", type=float, help="0 is plain greedy (default: the model's, else 0.7)")
+        r.add_argument("--top-k", type=int, help="default: the model's, else 40")
+        r.add_argument("--top-p", type=float, help="default: the model's, else 0.95")
+        r.add_argument("--repetition-penalty", type=float,
+                       help="applies when sampling (default: the model's, else 1.1)")
+        r.add_argument("--min-p", type=float,
                        help="drop tokens below this share of the likeliest token's probability (default 0: off)")
         r.add_argument("--seed", type=int)
         r.add_argument("--adapter", help="use this adapter of the bundle (see `jishi adapter list`)")
@@ -90,7 +92,7 @@ def chat(args) -> int:
     from jishi.runtime.chat import Conversation
 
     model = load_model(args)
-    convo = Conversation(model, system=args.system, reserve=args.max_tokens)
+    convo = Conversation(model, system=args.system, reserve=args.max_tokens or model.defaults.max_tokens or 256)
     print(f"{model.name} ({model.manifest.graph.quantization['name']}, context {model.context}). "
           "Ctrl-C stops a reply, Ctrl-D or /exit leaves, /reset starts over.", file=sys.stderr)
     while True:
