@@ -139,7 +139,11 @@ class Compiler:
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids):
         llg = _llg()
         self.vocab_size = vocab_size
-        self.tokenizer = llg.LLTokenizer(token_table_json(tokenizer_json), n_vocab=vocab_size, eos_token=sorted(eos_ids) or None)
+        table, eos = token_table_json(tokenizer_json), sorted(eos_ids)
+        try:
+            self.tokenizer = llg.LLTokenizer(table, n_vocab=vocab_size, eos_token=eos or None)
+        except TypeError:  # an older llguidance (1.6, the newest with aarch64 wheels we found) takes one EOS id
+            self.tokenizer = llg.LLTokenizer(table, n_vocab=vocab_size, eos_token=eos[0] if eos else None)
         self._grammars = lru_cache(maxsize=64)(self._compile)
 
     def _compile(self, c: Constraint) -> str:
