@@ -16,8 +16,9 @@ uses onnxruntime's fused contrib ops where they exist:
 Graph inputs: ``input_ids`` (batch × seq, int64), ``seqlens_k`` (batch, int32:
 total length − 1), ``total_sequence_length`` (scalar int32), ``logits_index``
 (n, int64) and ``past_key.{i}``/``past_value.{i}`` (batch × kv heads ×
-context × head dim). Outputs: ``logits`` (n × vocab) and
-``present_key.{i}``/``present_value.{i}``.
+context × head dim). Outputs: ``logits`` (n × vocab), ``hidden_states`` (the
+final-norm hidden state of every token row, for embeddings; a run fetches it only
+when asked) and ``present_key.{i}``/``present_value.{i}``.
 """
 
 from __future__ import annotations
@@ -256,7 +257,9 @@ def build_decoder(
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n_logits"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n_logits", cfg.vocab_size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n_logits", cfg.vocab_size]),
+               # the final-norm hidden state of every token row, fetched only for embeddings
+               helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, ["rows", H])]
     kv_shape = ["batch", nkv, "max_context", hd]  # the runtime may allocate less than the build context
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
@@ -367,8 +370,9 @@ def build_decoder(
         if progress:
             progress(1)
 
-    # The final norm, then the LM head on the rows asked for.
+    # The final norm (its output is also the embeddings' hidden states), then the LM head on the rows asked for.
     normed, _ = _skip_norm(g, x, residual, norm_weight("model.norm.weight"), cfg, "final_norm")
+    g.op("Identity", [normed], name="hidden_states", outputs=["hidden_states"])
     picked = g.op("Gather", [normed, "logits_index"], axis=0, name="pick_rows")
     head_ready = None
     if recipe.name == "gguf" and not cfg.tie_word_embeddings:

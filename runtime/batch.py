@@ -64,6 +64,15 @@ class Lane:
     def step(self, token: int) -> np.ndarray:
         return self.batch.decode([self], [token])[0]
 
+    def copy_prefix(self, other: "Lane", n: int) -> None:
+        """Hold the first ``n`` tokens of ``other``'s cache (same batch, same inputs): a copy of
+        their rows, so a second answer to one prompt skips its prefill."""
+        if other.batch is not self.batch or other.inputs is not self.inputs:
+            raise ValueError("copy_prefix() needs a lane of the same batch with the same inputs")
+        kv = self.batch._kv
+        kv[:, self.row, :, :n] = kv[:, other.row, :, :n]
+        self.tokens = list(other.tokens[:n])
+
     def feed(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
         return self.batch.prefill(self, ids, all_logits)
 
@@ -123,6 +132,22 @@ class BatchEngine:
         kv[:, :, :, :kept] = self._kv[:, :, :, :kept]
         self._kv = kv
         self._bindings.clear()  # they point at the old block
+
+    @property
+    def kv_bytes(self) -> int:
+        return self._kv.nbytes
+
+    def shrink(self) -> bool:
+        """Empty every lane and give the block back down to its first step (the lanes must be
+        idle). True if it was larger."""
+        first = min(self.context, KV_STEP)
+        if self.capacity <= first:
+            return False
+        for lane in self.lanes:
+            lane.reset()
+        self._kv = np.zeros(self._kv.shape[:3] + (first, self._kv.shape[4]), np.float32)
+        self._bindings.clear()
+        return True
 
     def swap(self, a: int, b: int) -> None:
         """Exchange the caches in rows ``a`` and ``b`` (and which lane is where)."""

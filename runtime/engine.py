@@ -128,6 +128,27 @@ class Engine:
     def reset(self) -> None:
         self.tokens = []
 
+    @property
+    def kv_bytes(self) -> int:
+        return self._kv.nbytes
+
+    def shrink(self) -> bool:
+        """Empty the cache and give it back down to its first step. True if it was larger."""
+        first = min(self.context, KV_STEP)
+        if self.capacity <= first:
+            return False
+        self.tokens = []
+        self._kv = np.zeros(self._kv.shape[:3] + (0, self._kv.shape[4]), dtype=np.float32)
+        self._reserve(first)
+        return True
+
+    def copy_prefix(self, other: "Engine", n: int) -> None:
+        """Hold the first ``n`` tokens of ``other``'s cache (an engine on the same session and inputs)."""
+        self.tokens = []
+        self._reserve(n)
+        self._kv[:, :, :, :n] = other._kv[:, :, :, :n]
+        self.tokens = list(other.tokens[:n])
+
     def reuse_prefix(self, ids: list[int]) -> int:
         """Keep the cached tokens that ``ids`` starts with (at least one token stays to feed)."""
         return keep_common_prefix(self.tokens, ids)
@@ -166,6 +187,26 @@ class Engine:
         finally:
             self._bind_step()
         return np.concatenate(out, axis=0) if all_logits else logits[-1]
+
+    def hidden_states(self, ids: list[int]) -> np.ndarray:
+        """The final-norm hidden state of each of ``ids`` (n × hidden), fed from an empty cache."""
+        self.reset()
+        if len(ids) > self.context:
+            raise ContextLengthError(f"{len(ids)} tokens do not fit in the context window of {self.context}")
+        self._reserve(len(ids))
+        out = []
+        try:
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                chunk = ids[start:start + PREFILL_CHUNK]
+                hidden = np.empty((len(chunk), self.cfg.hidden_size), np.float32)
+                self._io.bind_ortvalue_output("hidden_states", ort.OrtValue.ortvalue_from_numpy(hidden))
+                self._run_chunk(chunk, False)
+                out.append(hidden)
+        finally:
+            self._io.clear_binding_outputs()
+            self._bind_kv()
+            self._bind_step()
+        return np.concatenate(out, axis=0)
 
     def _run_chunk(self, chunk: list[int], all_logits: bool) -> np.ndarray:
         pos, n = len(self.tokens), len(chunk)

@@ -13,7 +13,8 @@ from typing import Any
 from jishi.errors import BundleError
 
 FORMAT = "jishi-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the graph also returns the final-norm hidden states (embeddings)
+READS = (1, 2)  # version 1 bundles still generate; embed() asks for a rebuild
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 
@@ -78,6 +79,7 @@ class Manifest:
     adapters: list[dict] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)  # the model's own defaults (runtime/defaults.py)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -97,10 +99,10 @@ class Manifest:
         fmt, version = body.get("format"), body.get("format_version")
         if fmt != FORMAT:
             raise BundleError(f"not a jishi bundle: manifest format is {fmt!r}, expected {FORMAT!r}")
-        if version != FORMAT_VERSION:
+        if version not in READS:
             raise BundleError(
-                f"bundle format version {version!r} is not supported by this jishi (it reads version "
-                f"{FORMAT_VERSION}); upgrade jishi or rebuild the bundle with this version"
+                f"bundle format version {version!r} is not supported by this jishi (it reads versions "
+                f"{', '.join(map(str, READS))}); upgrade jishi or rebuild the bundle with this version"
             )
         from jishi.runtime.manifest_schema import check_manifest_body
 
@@ -116,6 +118,8 @@ class Manifest:
                 adapters=list(body.get("adapters") or []),
                 provenance=dict(body.get("provenance") or {}),
                 evaluation=dict(body.get("evaluation") or {}),
+                defaults=dict(body.get("defaults") or {}),
+                format_version=version,  # kept: an old bundle stays old when its manifest is written again
             )
         except (TypeError, ValueError) as e:
             raise BundleError(f"manifest.json is malformed: {e}") from None

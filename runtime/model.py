@@ -25,12 +25,14 @@ class Result:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple | None = None  # generation.TokenLogprob per token, when asked for
 
     def __str__(self) -> str:
         return self.text
 
 
 SCORE_CHUNK = 128  # tokens whose logits score() holds at once
+POOLING = {"mean": lambda h: h.mean(axis=0), "last": lambda h: h[-1]}
 
 
 class Stream:
@@ -118,6 +120,9 @@ class Model:
         self.settings = for_this_machine(threads)  # from the device profile; ``threads`` overrides its count
         self.threads = self.settings.threads
         self.tokenizer = Tokenizer(bundle.path(m.tokenizer.file), m.tokenizer)
+        from jishi.runtime import defaults
+
+        self.defaults = defaults.of(m)  # the model's own sampling values, system prompt, stops
         mp = m.merge_points or {}
         # A bundle may hold its graph twice over one weights file: with merge points (opened
         # when an adapter is first used) and without (faster, for requests with no adapter).
@@ -225,31 +230,65 @@ class Model:
     def stream(
         self,
         prompt: str,
-        max_new_tokens: int = 256,
-        temperature: float = 0.7,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        repetition_penalty: float = 1.1,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
         stop: str | Iterable[str] | None = None,
         seed: int | None = None,
         truncate: bool = False,
         chat: bool = False,
         adapter: str | None = None,
+        min_p: float | None = None,
+        logit_bias: dict[int, float] | None = None,
+        schema=None,
+        regex: str | None = None,
+        grammar: str | None = None,
+        json_object: bool = False,
+        logprobs: int | None = None,
     ) -> Stream:
         """Text pieces as they are generated. ``chat=True`` marks a prompt rendered by the chat
-        template, which writes its own special tokens (no BOS is added to it, as in transformers)."""
+        template, which writes its own special tokens (no BOS is added to it, as in transformers).
+
+        At most one constraint: ``schema`` (a JSON schema dict or text, or a Pydantic model
+        class), ``regex``, ``grammar`` (Lark) or ``json_object=True`` (any JSON object).
+        ``logprobs=k`` records each token's log-probability and its k (0..20) most likely
+        alternatives in ``Result.logprobs``. Temperature 0 is plain greedy: the repetition
+        penalty, top-k, top-p and min-p apply only when sampling. A value left None is the
+        model's default (``self.defaults``: jishi's own unless the bundle sets others), and so
+        are the stops and the answer length (256 tokens unless the bundle says)."""
         try:
-            params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        except ValueError as e:
+            bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
+            params = replace(self.defaults.sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                    repetition_penalty=repetition_penalty, min_p=min_p),
+                             logit_bias=bias)
+            params.check_vocab(self.manifest.config.vocab_size)
+        except (ValueError, TypeError) as e:
             raise JishiError(str(e)) from None
+        if max_new_tokens is None:
+            max_new_tokens = self.defaults.max_tokens or 256
+        if stop is None:
+            stop = self.defaults.stop
         if max_new_tokens < 1:
             raise JishiError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        from jishi.runtime.generation import MAX_TOP_LOGPROBS, make_rng
+
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise JishiError(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {logprobs!r}")
+        try:
+            make_rng(seed)
+        except ValueError as e:
+            raise JishiError(str(e)) from None
+        constraint = pick_constraint(schema, regex, grammar, json_object)
+        matcher = self.matcher(constraint) if constraint is not None else None
         ids = self.tokenizer.encode(prompt, bos=False if chat else None)
         if not ids:
             raise JishiError("the prompt is empty")
         ids = self._fit_prompt(ids, max_new_tokens, truncate)
         self.use_adapter(adapter)
-        return Stream(self._generate(ids, max_new_tokens, params, normalize_stops(stop), seed))
+        return Stream(self._generate(ids, max_new_tokens, params, normalize_stops(stop), seed, matcher, logprobs))
 
     def chat(self, messages: list[dict], template_vars: dict | None = None, **kwargs) -> Result:
         """``template_vars`` go to the chat template as they are, e.g. ``{"enable_thinking": False}`` (Qwen3)."""
@@ -258,15 +297,33 @@ class Model:
     def chat_stream(self, messages: list[dict], template_vars: dict | None = None, **kwargs) -> Stream:
         return self.stream(self.chat_prompt(messages, template_vars), chat=True, **kwargs)
 
-    def chat_prompt(self, messages: list[dict], template_vars: dict | None = None) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **(template_vars or {}))
+    def chat_prompt(self, messages: list[dict], template_vars: dict | None = None, tools: list[dict] | None = None) -> str:
+        """The prompt for these messages; the model's default system prompt first when they bring none.
+
+        ``template_vars`` go to the chat template as they are (e.g. Qwen3's ``enable_thinking``)."""
+        system = self.defaults.system_prompt
+        if system and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": system}] + list(messages)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools, **(template_vars or {}))
+
+    def matcher(self, constraint):
+        """A fresh matcher for a ``constraints.Constraint`` (compiled once per constraint and kept)."""
+        from jishi.runtime.constraints import compiler_for
+
+        return compiler_for(self.tokenizer, self.manifest.config.vocab_size).matcher(constraint)
 
     def count_tokens(self, text: str, chat: bool = False) -> int:
         return len(self.tokenizer.encode(text, bos=False if chat else None))
 
-    def score(self, text: str, adapter: str | None = None) -> np.ndarray:
-        """log p(token_i | tokens before it) for tokens 2..n of ``text`` (float64, n − 1 values)."""
-        ids = self.tokenizer.encode(text)
+    def score(self, text: str | list[int], adapter: str | None = None) -> np.ndarray:
+        """log p(token_i | tokens before it) for tokens 2..n of ``text`` (float64, n − 1 values).
+        ``text`` may also be a list of token ids (e.g. a prompt's and the tokens generated after it)."""
+        if isinstance(text, str):
+            ids = self.tokenizer.encode(text)
+        else:
+            ids = [int(i) for i in text]
+            if any(not 0 <= i < self.manifest.config.vocab_size for i in ids):
+                raise JishiError(f"token ids must be in 0..{self.manifest.config.vocab_size - 1}")
         if len(ids) < 2:
             raise JishiError("score() needs a text of at least two tokens")
         if len(ids) > self.context:
@@ -283,6 +340,44 @@ class Model:
             logz = np.log(np.exp(logits).sum(axis=-1))
             out.append(logits[np.arange(len(chunk)), ids[start + 1:start + 1 + len(chunk)]] - logz)
         return np.concatenate(out)
+
+    # --- embeddings ------------------------------------------------------------------
+
+    @property
+    def has_embeddings(self) -> bool:
+        g = self.manifest.graph
+        return self.manifest.format_version >= 2 and "hidden_states" in g.outputs
+
+    def embed(self, texts: str | list[str], pooling: str = "mean", normalize: bool = True,
+              adapter: str | None = None, truncate: bool = False) -> np.ndarray:
+        """One vector per text (n × hidden, float32): the final-norm hidden states of its tokens,
+        averaged (``pooling="mean"``) or the last token's (``"last"``), scaled to length 1
+        unless ``normalize=False``. A text longer than the context is an error, or with
+        ``truncate`` keeps its start."""
+        if not self.has_embeddings:
+            raise BundleError(f"the bundle {self.name} was built before jishi's graphs returned hidden states "
+                              f"(format version {self.manifest.format_version}); rebuild it with `jishi build` "
+                              "for embeddings")
+        if pooling not in POOLING:
+            raise JishiError(f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if not texts or not all(isinstance(t, str) and t for t in texts):
+            raise JishiError("embed() needs one or more non-empty texts")
+        self.use_adapter(adapter)
+        out = np.empty((len(texts), self.manifest.config.hidden_size), np.float32)
+        for i, text in enumerate(texts):
+            ids = self.tokenizer.encode(text)
+            if len(ids) > self.context:
+                if not truncate:
+                    raise ContextLengthError(f"text {i} is {len(ids)} tokens, longer than the context of "
+                                             f"{self.context}; shorten it or pass truncate=True")
+                ids = ids[:self.context]
+            out[i] = POOLING[pooling](self.engine.hidden_states(ids))
+        self.engine.reset()
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out[0] if single else out
 
     # --- the loop --------------------------------------------------------------------
 
@@ -301,9 +396,9 @@ class Model:
         head = ids[:1] if self.tokenizer.bos_id is not None and ids[0] == self.tokenizer.bos_id else []
         return head + ids[len(ids) - keep + len(head):]
 
-    def _generate(self, ids, max_new_tokens, params, stops, seed):
+    def _generate(self, ids, max_new_tokens, params, stops, seed, matcher=None, logprobs=None):
         gen = Generation(self.tokenizer, ids, min(max_new_tokens, self.context - len(ids)), params, stops, seed,
-                         self.manifest.config.vocab_size)
+                         self.manifest.config.vocab_size, matcher=matcher, logprobs=logprobs)
         engine = self.engine
         logits = engine.feed(ids[engine.reuse_prefix(ids):])
         while True:
@@ -311,8 +406,26 @@ class Model:
             if piece:
                 yield piece
             if gen.done:
-                return Result(gen.text, gen.finish_reason, len(ids), gen.completion_tokens)
+                return Result(gen.text, gen.finish_reason, len(ids), gen.completion_tokens,
+                              tuple(gen.logprobs) if logprobs is not None else None)
             logits = engine.step(gen.token)
+
+
+def pick_constraint(schema=None, regex=None, grammar=None, json_object=False):
+    """The one constraint these arguments ask for (a constraints.Constraint), or None."""
+    from jishi.runtime import constraints
+
+    given = [(name, v) for name, v in (("schema", schema), ("regex", regex), ("grammar", grammar),
+                                       ("json_object", json_object or None)) if v is not None]
+    if len(given) > 1:
+        raise JishiError(f"give at most one constraint; got {', '.join(n for n, _ in given)}")
+    if not given:
+        return None
+    name, value = given[0]
+    if isinstance(value, constraints.Constraint):
+        return value
+    return {"schema": constraints.json_schema, "regex": constraints.regex, "grammar": constraints.lark,
+            "json_object": lambda _: constraints.any_json()}[name](value)
 
 
 def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False,

@@ -1,28 +1,73 @@
-"""Choosing the next token from logits, in numpy."""
+"""Choosing the next token from logits, in numpy.
+
+The order, for one token:
+
+1. ``logit_bias`` is added (it shapes the choice even when greedy, as in OpenAI's API);
+2. a constraint's mask (constraints.py) sets forbidden tokens to -inf;
+3. temperature 0 takes the argmax of that: plain greedy, no penalty, no truncation;
+4. otherwise the repetition penalty, then top-k, the temperature, top-p and min-p
+   cut the distribution, and the token is drawn from what is left.
+
+Every value is checked (finite, in range) when ``SamplingParams`` is made, so a NaN
+or an infinity never reaches the sampler.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 (never) .. 100 (always)
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.7  # 0 means greedy
+    temperature: float = 0.7  # 0 means plain greedy
     top_k: int = 40  # 0 means no limit
     top_p: float = 0.95
-    repetition_penalty: float = 1.1  # 1 means none
+    repetition_penalty: float = 1.1  # 1 means none; applies only when sampling (temperature > 0)
+    min_p: float = 0.0  # drop tokens below min_p × the most likely token's probability; 0 means none
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, bias in [-100, 100]
 
     def __post_init__(self):
-        if self.temperature < 0:
+        t = _finite("temperature", self.temperature)
+        if t < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
+            raise ValueError(f"top_k must be an integer, got {type(self.top_k).__name__}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < _finite("top_p", self.top_p) <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if _finite("repetition_penalty", self.repetition_penalty) <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= _finite("min_p", self.min_p) <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for pair in self.logit_bias:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise ValueError(f"logit_bias holds (token id, bias) pairs, got {pair!r}")
+            token, bias = pair
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if abs(_finite(f"logit_bias[{token}]", bias)) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias[{token}] must be between -100 and 100, got {bias}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if a logit_bias token is outside the vocabulary."""
+        for token, _ in self.logit_bias:
+            if token >= vocab_size:
+                raise ValueError(f"logit_bias names token {token}, but the vocabulary has {vocab_size} tokens "
+                                 f"(ids 0..{vocab_size - 1})")
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -36,12 +81,25 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return logits
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray | None = None) -> int:
-    """One token id from a vector of logits (which may be changed in place)."""
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
+    for token, b in bias:
+        if token < logits.size:
+            logits[token] += b
+    return logits
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray | None = None,
+           mask=None) -> int:
+    """One token id from a vector of logits (which may be changed in place). ``mask`` is a
+    constraint's matcher (anything with ``apply(logits)``) or None."""
+    if params.logit_bias:
+        apply_logit_bias(logits, params.logit_bias)
+    if mask is not None:
+        mask.apply(logits)
     if params.temperature == 0:
         return int(np.argmax(logits))
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     # Order is unchanged by a positive temperature: pick the top k on the raw logits.
     if params.top_k and params.top_k < logits.size:
         candidates = np.argpartition(logits, -params.top_k)[-params.top_k:]
@@ -54,7 +112,17 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     if params.top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
         order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+    if params.min_p > 0:
+        keep = int(np.count_nonzero(probs >= params.min_p * probs[0]))  # sorted: a prefix
+        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
     return int(order[rng.choice(order.size, p=probs)])
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p over the vocabulary, in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max()
+    return x - np.log(np.exp(x).sum())
 
 
 class SeenTokens:

@@ -53,6 +53,15 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def to_json(self) -> str:
+        """The tokenizer in the tokenizers JSON format (what a constrained decoder reads)."""
+        return self._tok.to_str()
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders a ``tools`` list itself (else a caller writes one into the prompt)."""
+        return bool(self.info.chat_template) and "tools" in self.info.chat_template
+
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; special-token text in it becomes those tokens, except inside the
         messages of a prompt made by ``apply_chat_template``, where it stays plain text."""
@@ -68,7 +77,7 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **variables) -> "ChatPrompt":
+                            tools: list[dict] | None = None, **variables) -> "ChatPrompt":
         """The prompt text for these messages. It is a ``ChatPrompt``: a str that remembers which
         of its special tokens the template wrote, so that ``encode`` does not turn text such as
         "<|im_end|>" typed in a message into a control token. ``variables`` are passed to the
@@ -86,7 +95,7 @@ class Tokenizer:
 
         pattern = re.compile(f"{self._specials.pattern}|{_MARK}" if self._specials else _MARK)
         escaped = [{**m, "content": pattern.sub(mark, m["content"])} for m in messages]
-        rendered = self._render(escaped, add_generation_prompt, variables)
+        rendered = self._render(escaped, add_generation_prompt, variables, tools)
         # Split at the special tokens the template wrote; put the typed text back in between.
         chunks: list[tuple[str, bool]] = []
         at = 0
@@ -110,10 +119,12 @@ class Tokenizer:
                 ids.extend(self._plain.encode(text, add_special_tokens=False).ids)
         return ids
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool, variables: dict | None = None) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, variables: dict | None = None,
+                tools: list[dict] | None = None) -> str:
+        extra = {**(variables or {}), **({"tools": tools} if tools else {})}
         try:
             return self._template.render(
-                **(variables or {}),
+                **extra,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.info.bos_token or "",

@@ -77,11 +77,13 @@ class LiveServer:
     """The app served by uvicorn in a thread of this process, on 127.0.0.1 and a free port."""
 
     def __init__(self, model, **config):
+        """``model``: a loaded Model, or a fleet.Fleet of several (then ``config`` is unused)."""
         import uvicorn
 
         from jishi.runtime.server.app import Server, ServerConfig, build_app
+        from jishi.runtime.server.fleet import Fleet
 
-        self.server = Server(model, ServerConfig(**config))
+        self.server = model if isinstance(model, Fleet) else Server(model, ServerConfig(**config))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._uv = uvicorn.Server(uvicorn.Config(build_app(self.server), host="127.0.0.1", port=self.port,

@@ -29,7 +29,8 @@ ALLOWED = {
     "jishi.devices": ((), ("jishi.errors",)),
     # the model families: config → features, read by export and distill alike; nothing heavy
     "jishi.families": ((), ("jishi.errors", "jishi.runtime.manifest")),
-    "jishi.runtime": (("numpy", "onnxruntime", "tokenizers", "jinja2", "cryptography"),
+    # llguidance: constrained decoding (a JSON schema, regex or grammar), a runtime feature
+    "jishi.runtime": (("numpy", "onnxruntime", "tokenizers", "jinja2", "cryptography", "llguidance"),
                       ("jishi.errors", "jishi.devices")),
     "jishi.export": (("numpy", "torch", "onnx", "onnxruntime", "optimum", "safetensors", "cryptography", "tqdm"),
                      ("jishi.errors", "jishi.runtime", "jishi.devices", "jishi.distill.base", "jishi.heldout",
@@ -41,7 +42,7 @@ ALLOWED = {
                        "jishi.runtime.store", "jishi.devices", "jishi.families")),
 }
 # The server is the runtime plus its web stack (the [serve] extra).
-ALLOWED["jishi.runtime.server"] = (ALLOWED["jishi.runtime"][0] + ("starlette", "uvicorn"),
+ALLOWED["jishi.runtime.server"] = (ALLOWED["jishi.runtime"][0] + ("starlette", "uvicorn", "jsonschema"),
                                   ALLOWED["jishi.runtime"][1] + ("jishi.runtime",))
 
 

@@ -81,8 +81,11 @@ def test_sampling_filters():
     assert picks == {0, 1}
     picks = {sample(logits, SamplingParams(temperature=1.0, top_k=0, top_p=0.5, repetition_penalty=1.0), rng) for _ in range(100)}
     assert picks == {0}
-    # the penalty divides a positive logit: token 0 (5 → 2.5) falls below token 1
-    assert sample(logits, SamplingParams(temperature=0, repetition_penalty=2.0), rng, seen=np.array([0])) == 1
+    # the penalty divides a positive logit: token 0 (5 → 2.5) falls below token 1 when sampling...
+    cold = SamplingParams(temperature=0.01, top_k=0, top_p=1.0, repetition_penalty=2.0)
+    assert sample(logits.copy(), cold, rng, seen=np.array([0])) == 1
+    # ...while temperature 0 is plain greedy: no penalty
+    assert sample(logits.copy(), SamplingParams(temperature=0, repetition_penalty=2.0), rng, seen=np.array([0])) == 0
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(top_p=0)
 

@@ -27,8 +27,16 @@ def serve(model, host: str = "127.0.0.1", port: int = 8080, config=None) -> None
 
     from jishi.runtime.server.app import Server, ServerConfig, build_app
 
+    from jishi.runtime.server.fleet import Fleet
+
     config = config or ServerConfig()
-    server = Server(model, config)
+    if isinstance(model, Fleet):
+        server = model
+        names = ", ".join(model.entries)
+        what = f"{len(model.entries)} models ({names}; each loads on first use)"
+    else:
+        server = Server(model, config)
+        what = f"{model.name} (context {model.context}"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log = logging.getLogger("jishi.server")
@@ -36,8 +44,9 @@ def serve(model, host: str = "127.0.0.1", port: int = 8080, config=None) -> None
     log.setLevel(logging.INFO)
     log.propagate = False
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
-    print(f"jishi: serving {model.name} (context {model.context}, {config.max_concurrent} at once{' batched' if config.batch else ''}, "
-          f"{config.queue} queued) on http://{shown}:{port}/  (chat page; API under /v1). Ctrl-C stops.",
-          file=sys.stderr, flush=True)
+    detail = f"{config.max_concurrent} at once{' batched' if config.batch else ''}, {config.queue} queued"
+    what = f"{what}, {detail})" if not isinstance(model, Fleet) else f"{what}; {detail} per model"
+    print(f"jishi: serving {what} on http://{shown}:{port}/  (chat page; OpenAI API under /v1, Ollama's under /api). "
+          "Ctrl-C stops.", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(build_app(server), host=host, port=port, log_level="warning", access_log=False,
                                   timeout_graceful_shutdown=3)).run()

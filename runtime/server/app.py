@@ -14,8 +14,7 @@ import hmac
 import json
 import logging
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 
 from starlette.applications import Starlette
@@ -41,6 +40,7 @@ class ServerConfig:
     max_tokens: int = 512  # the answer's length when a request does not say
     max_body: int = 1 << 20  # bytes
     batch: bool = True  # decode the active answers in one run (per adapter) instead of one run each
+    release_after: float = 30.0  # idle seconds after which the KV caches are dropped and shrunk
 
 
 class Server:
@@ -49,7 +49,8 @@ class Server:
     def __init__(self, model, config: ServerConfig):
         self.model = model
         self.config = config
-        self.scheduler = Scheduler(model, config.max_concurrent, config.queue, batch=config.batch)
+        self.scheduler = Scheduler(model, config.max_concurrent, config.queue, batch=config.batch,
+                                   release_after=config.release_after)
         self.created = int(time.time())
         unknown = set(config.adapter_system) - set(model.adapters)
         if unknown:
@@ -65,7 +66,7 @@ class Server:
 
     def resolve_model(self, model_id: str | None) -> str | None:
         """The adapter a model id asks for (None: the base)."""
-        if model_id is None or model_id == self.model.name:
+        if model_id is None or model_id in (self.model.name, f"{self.model.name}:latest"):
             return None
         base, sep, adapter = model_id.partition(":")
         if sep and base == self.model.name and adapter in self.model.adapters:
@@ -133,95 +134,134 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 class JobResponse(Response):
-    """Runs a job and answers with its JSON, or (``stream``) with server-sent events.
+    """Runs a request's jobs (one per answer) and answers with the renderer's JSON, or
+    (``stream``) with its objects as server-sent events or NDJSON lines (``framing``).
 
-    While it waits it listens to the client: a disconnect cancels the job.
+    While it waits it listens to the client: a disconnect cancels the jobs.
     """
 
-    def __init__(self, server: Server, job_args: dict, render, stream: bool, info: dict):
+    def __init__(self, server: Server, jobs_args: list[dict], renderer, stream: bool, info: dict,
+                 framing: str = "sse"):
         self.server = server
-        self.job_args = job_args
-        self.render = render  # (kind, value) -> list of SSE data objects, or the final JSON
+        self.jobs_args = jobs_args
+        self.renderer = renderer
         self.stream = stream
         self.info = info
+        self.framing = framing
         self.background = None
 
     async def __call__(self, scope, receive, send):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(sink=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)), **self.job_args)
+
+        def sink_for(i):
+            return lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
+
+        jobs = []
+        for i, args in enumerate(self.jobs_args):
+            job = Job(sink=sink_for(i), index=i, leader=jobs[0] if jobs else None, **args)
+            jobs.append(job)
+        jobs[0].followers = len(jobs) - 1
+        if hasattr(self.renderer, "bind"):
+            self.renderer.bind(jobs)  # a renderer that reports timings reads them from the jobs
         scheduler = self.server.scheduler
         try:
-            scheduler.submit(job)
+            scheduler.submit_all(jobs)
         except QueueFull as e:
             err = APIError(429, f"all {len(scheduler.slots)} answer slots are busy and {scheduler.queue_limit} requests "
                            f"are waiting; retry in {e.retry_after} s", type="rate_limit_error", code="server_busy",
                            headers={"Retry-After": str(e.retry_after)})
-            return await error_response(err)(scope, receive, send)
+            self.info["status"] = 429
+            return await self.renderer.error_response(err)(scope, receive, send)
 
         async def watch():
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    scheduler.cancel(job)
+                    for job in jobs:
+                        scheduler.cancel(job)
                     return
 
         watcher = asyncio.create_task(watch())
         try:
             if self.stream:
-                await self._stream(job, events, send)
+                await self._stream(jobs, events, send)
             else:
-                await self._whole(job, events, scope, receive, send)
+                await self._whole(jobs, events, scope, receive, send)
         finally:
             watcher.cancel()
-            scheduler.cancel(job)  # no-op once it is over
-            self.info["ttft"] = (job.first_token - job.arrived) if job.first_token else None
-            gen = job.gen
-            if gen is not None:
-                self.info["completion_tokens"] = gen.completion_tokens
-                self.info["finish"] = gen.finish_reason if gen.done else "cancelled"
+            for job in jobs:
+                scheduler.cancel(job)  # no-op once it is over
+            firsts = [j.first_token - j.arrived for j in jobs if j.first_token]
+            self.info["ttft"] = min(firsts) if firsts else None
+            gens = [j.gen for j in jobs if j.gen is not None]
+            if gens:
+                self.info["completion_tokens"] = sum(g.completion_tokens for g in gens)
+                self.info["finish"] = ",".join(g.finish_reason if g.done else "cancelled" for g in gens)
 
-    async def _whole(self, job, events, scope, receive, send):
-        while True:
-            kind, value = await events.get()
+    def _failed(self, value) -> APIError:
+        from jishi.errors import ConstraintError
+
+        if isinstance(value, ConstraintError):  # the grammar met a state it cannot leave: not a server fault
+            return APIError(400, f"the constraint could not be followed: {value}".splitlines()[0],
+                            code="constraint_failed")
+        log.error("generation failed: %r", value)
+        self.info["status"] = 500
+        return APIError(500, f"the model failed on this request: {value}", type="server_error", code="internal_error")
+
+    async def _whole(self, jobs, events, scope, receive, send):
+        done: dict[int, object] = {}
+        while len(done) < len(jobs):
+            i, kind, value = await events.get()
             if kind == "piece":
                 continue
             if kind == "done":
-                return await JSONResponse(self.render("done", value))(scope, receive, send)
+                done[i] = value
+                continue
             if kind == "error":
-                log.error("generation failed: %r", value)
-                err = APIError(500, f"the model failed on this request: {value}", type="server_error", code="internal_error")
-                self.info["status"] = 500
-                return await error_response(err)(scope, receive, send)
+                err = self._failed(value)
+                self.info["status"] = err.status
+                return await self.renderer.error_response(err)(scope, receive, send)
             self.info["status"] = 499  # the client left
             return
+        return await JSONResponse(self.renderer.whole([done[i] for i in range(len(jobs))]))(scope, receive, send)
 
-    async def _stream(self, job, events, send):
+    async def _stream(self, jobs, events, send):
+        media = b"text/event-stream; charset=utf-8" if self.framing == "sse" else b"application/x-ndjson"
         await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no")]})
+            (b"content-type", media), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
 
-        async def emit(objects):
-            data = "".join(f"data: {sse_json(o)}\n\n" for o in objects)
-            await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
+        async def emit(objects, more=True):
+            if self.framing == "sse":
+                data = "".join(f"data: {sse_json(o)}\n\n" for o in objects)
+            else:
+                data = "".join(sse_json(o) + "\n" for o in objects)
+            await send({"type": "http.response.body", "body": data.encode(), "more_body": more})
 
-        await emit(self.render("start", None))
-        while True:
-            kind, value = await events.get()
+        await emit(self.renderer.start(len(jobs)))
+        done: dict[int, object] = {}
+        while len(done) < len(jobs):
+            i, kind, value = await events.get()
             if kind == "piece":
-                await emit(self.render("piece", value))
+                out = self.renderer.piece(i, value, jobs[i].gen)
+                if out:
+                    await emit(out)
                 continue
             if kind == "done":
-                await emit(self.render("done", value))
-            elif kind == "error":
-                log.error("generation failed: %r", value)
-                await emit([APIError(500, f"the model failed on this request: {value}", type="server_error",
-                                     code="internal_error").body()])
-            else:
-                self.info["status"] = 499
-                return
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+                done[i] = value
+                await emit(self.renderer.done(i, value))
+                continue
+            if kind == "error":
+                await emit([self.renderer.error_object(self._failed(value))])
+                break
+            self.info["status"] = 499
             return
+        else:
+            await emit(self.renderer.end([done[i] for i in range(len(jobs))]))
+        if self.framing == "sse":
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 # --- the routes ----------------------------------------------------------------------------
@@ -239,9 +279,17 @@ async def read_json(request: HTTPRequest, limit: int):
             raise APIError(413, f"the request body is over {limit} bytes, the most this server takes",
                            code="body_too_large")
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e}); send a JSON object", None, "invalid_json") from None
+    except ValueError as e:
+        raise bad(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    except RecursionError:
+        raise bad("the request body nests too deeply", None, "invalid_json") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number; send a finite number")
 
 
 def check_key(server: Server, request: HTTPRequest) -> None:
@@ -256,25 +304,52 @@ def check_key(server: Server, request: HTTPRequest) -> None:
         raise APIError(401, message, type="authentication_error", code="invalid_api_key")
 
 
-def _plan(server: Server, req: Request, info: dict) -> tuple[dict, int]:
-    """Tokenize the request and check it against the context: the job's arguments."""
+def prompt_ids(server: Server, req, adapter: str | None, param: str = "messages") -> list[int]:
+    """The prompt's token ids: chat messages through the template (tools and all), or the plain prompt."""
+    model = server.model
+    if req.messages is None:
+        return model.tokenizer.encode(req.prompt)
+    from jishi.runtime.server import tools as T
+
+    messages = req.messages
+    system = server.systems.get(adapter)
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}] + messages
+    if not model.manifest.tokenizer.chat_template:
+        raise bad("this model has no chat template: use /v1/completions, or start the server with "
+                  "--chat-template FILE", param, "unsupported")
+    offered = list(getattr(req, "tools", ()) or ()) if getattr(req, "tool_choice", "none") != "none" else []
+    messages, spec = T.render(messages, offered, model.tokenizer.template_takes_tools)
+    try:
+        return model.tokenizer.encode(model.chat_prompt(messages, tools=spec), bos=False)
+    except Exception as e:  # the template's own refusal (e.g. roles out of order)
+        raise bad(f"the chat template refused these messages: {e}", param) from None
+
+
+def check_constraint(server: Server, constraint, param: str) -> None:
+    """400 naming ``param`` when the engine cannot compile the constraint."""
+    if constraint is None:
+        return
+    from jishi.errors import ConstraintError, MissingExtraError
+    from jishi.runtime.constraints import compiler_for
+
+    model = server.model
+    try:
+        compiler_for(model.tokenizer, model.manifest.config.vocab_size).check(constraint)
+    except ConstraintError as e:
+        raise bad(str(e), param, "invalid_schema") from None
+    except MissingExtraError as e:
+        raise APIError(501, str(e), type="server_error", param=param, code="unsupported") from None
+
+
+def _plan(server: Server, req: Request, info: dict) -> tuple[list[dict], int]:
+    """Tokenize the request and check it against the context: the arguments of its jobs."""
+    from jishi.runtime.server import tools as T
+
     model = server.model
     adapter = server.resolve_model(req.model)
     info["model"] = req.model or model.name
-    if req.messages is not None:
-        messages = req.messages
-        system = server.systems.get(adapter)
-        if system and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": system}] + messages
-        if not model.manifest.tokenizer.chat_template:
-            raise bad("this model has no chat template: use /v1/completions, or start the server with "
-                      "--chat-template FILE", "messages", "unsupported")
-        try:
-            ids = model.tokenizer.encode(model.chat_prompt(messages), bos=False)
-        except Exception as e:  # the template's own refusal (e.g. roles out of order)
-            raise bad(f"the chat template refused these messages: {e}", "messages") from None
-    else:
-        ids = model.tokenizer.encode(req.prompt)
+    ids = prompt_ids(server, req, adapter)
     info["prompt_tokens"] = len(ids)
     room = model.context - len(ids)
     if room < 1:
@@ -285,16 +360,29 @@ def _plan(server: Server, req: Request, info: dict) -> tuple[dict, int]:
         raise bad(f"max_tokens is {req.max_tokens} but only {room} tokens are left in the context window of "
                   f"{model.context} after the {len(ids)}-token prompt: ask for at most {room}", "max_tokens",
                   "context_length_exceeded")
-    budget = req.max_tokens or min(server.config.max_tokens, room)
-    return dict(prompt_ids=ids, budget=budget, params=req.params, stops=req.stop, seed=req.seed, adapter=adapter), len(ids)
+    constraint, param = req.constraint, req.constraint_param
+    if req.tools and req.tool_choice != "none":
+        constraint, param = T.constraint(list(req.tools), req.tool_choice), "tools"
+    check_constraint(server, constraint, param)
+    try:
+        req.params.check_vocab(model.manifest.config.vocab_size)
+    except ValueError as e:
+        raise bad(str(e), "logit_bias") from None
+    d = model.defaults
+    params = replace(d.sampling(**dict(req.given)), logit_bias=req.params.logit_bias)  # unset: the model's own
+    budget = req.max_tokens or min(d.max_tokens or server.config.max_tokens, room)
+    one = dict(prompt_ids=ids, budget=budget, params=params, stops=req.stop or d.stop, seed=req.seed, adapter=adapter,
+               constraint=constraint, logprobs=req.logprobs)
+    return [dict(one) for _ in range(req.n)], len(ids)
 
 
-def _usage(prompt: int, gen) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": gen.completion_tokens,
-            "total_tokens": prompt + gen.completion_tokens}
+def build_app(server) -> Starlette:
+    """The app for one ``Server`` or a ``fleet.Fleet`` of several models."""
+    from jishi.runtime.server.fleet import Fleet
 
-
-def build_app(server: Server) -> Starlette:
+    fleet = server if isinstance(server, Fleet) else Fleet.single(server)
+    config = fleet.config
+    created = int(time.time())
     static = {name: resources.files("jishi.runtime.server").joinpath("static", name).read_bytes()
               for name in ("index.html", "app.js", "style.css")}
 
@@ -308,40 +396,17 @@ def build_app(server: Server) -> Starlette:
         return endpoint
 
     async def generate(request: HTTPRequest, chat: bool):
+        from jishi.runtime.server.dialect_openai import Renderer
+
         info = request.scope["state"]["jishi"]
-        check_key(server, request)
-        body = await read_json(request, server.config.max_body)
+        check_key(fleet, request)
+        body = await read_json(request, config.max_body)
         req = parse_chat(body) if chat else parse_completion(body)
-        job_args, prompt_tokens = _plan(server, req, info)
-        model_id = req.model or server.model.name
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        obj = ("chat.completion" if chat else "text_completion") + (".chunk" if chat and req.stream else "")
-
-        def chunk(delta_or_text, finish=None):
-            choice = ({"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish} if chat
-                      else {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish})
-            return {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice]}
-
-        def render(kind, value):
-            if not req.stream:  # kind == "done"
-                gen = value
-                choice = ({"index": 0, "message": {"role": "assistant", "content": gen.text}, "logprobs": None,
-                           "finish_reason": gen.finish_reason} if chat else
-                          {"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason})
-                return {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice],
-                        "usage": _usage(prompt_tokens, gen), "system_fingerprint": None}
-            if kind == "start":
-                return [chunk({"role": "assistant", "content": ""})] if chat else []
-            if kind == "piece":
-                return [chunk({"content": value} if chat else value)]
-            out = [chunk({} if chat else "", value.finish_reason)]
-            if req.include_usage:
-                out.append({"id": rid, "object": obj, "created": created, "model": model_id, "choices": [],
-                            "usage": _usage(prompt_tokens, value)})
-            return out
-
-        return JobResponse(server, job_args, render, req.stream, info)
+        server = await fleet.server_for(req.model)
+        jobs_args, prompt_tokens = _plan(server, req, info)
+        renderer = Renderer(server.model.tokenizer, chat, req.model or server.model.name, prompt_tokens, req.stream,
+                            req.include_usage, tools_on=bool(req.tools) and req.tool_choice != "none")
+        return JobResponse(server, jobs_args, renderer, req.stream, info)
 
     async def chat_completions(request):
         return await generate(request, chat=True)
@@ -349,15 +414,36 @@ def build_app(server: Server) -> Starlette:
     async def completions(request):
         return await generate(request, chat=False)
 
+    async def embeddings(request):
+        from jishi.runtime.server import embeddings as E
+
+        info = request.scope["state"]["jishi"]
+        check_key(fleet, request)
+        body = await read_json(request, config.max_body)
+        texts, fmt = E.openai_body(body)
+        model_id = body.get("model") if isinstance(body.get("model"), str) else None
+        server = await fleet.server_for(model_id)
+        adapter = server.resolve_model(model_id)
+        info["model"] = model_id or server.model.name
+        vectors, tokens = await E.embed(server, texts, adapter, truncate=False)
+        info["prompt_tokens"] = tokens
+        return JSONResponse(E.openai_response(vectors, fmt, model_id or server.model.name, tokens))
+
     async def models(request):
-        check_key(server, request)
-        data = [{"id": mid, "object": "model", "created": server.created, "owned_by": "jishi"}
-                for mid in server.model_ids()]
+        check_key(fleet, request)
+        data = [{"id": mid, "object": "model", "created": created, "owned_by": "jishi"} for mid in fleet.ids()]
         return JSONResponse({"object": "list", "data": data})
 
     async def health(request):
-        return JSONResponse({"status": "ok", "model": server.model.name, "context": server.model.context,
-                             **server.scheduler.status()})
+        loaded = fleet.loaded()
+        first = fleet.default.server
+        body = {"status": "ok", "model": fleet.default.name, "models": {
+            e.name: ({"loaded": True, "context": e.server.model.context, **e.server.scheduler.status()}
+                     if e.server is not None else {"loaded": False}) for e in fleet.entries.values()}}
+        if first is not None:  # the first model's figures at the top, as before
+            body.update(context=first.model.context, **first.scheduler.status())
+        body["loaded"] = [e.name for e in loaded]
+        return JSONResponse(body)
 
     def page(name, media):
         async def endpoint(request):
@@ -371,7 +457,8 @@ def build_app(server: Server) -> Starlette:
     async def not_found(request, exc: HTTPException):
         status = exc.status_code
         message = (f"no route {request.method} {request.url.path}; this server has POST /v1/chat/completions, "
-                   "POST /v1/completions, GET /v1/models, GET /health and the chat page at /") if status in (404, 405) \
+                   "POST /v1/completions, POST /v1/embeddings, GET /v1/models, the Ollama API under /api, GET /health and the chat page at /") \
+            if status in (404, 405) \
             else str(exc.detail)
         request.scope.setdefault("state", {}).setdefault("jishi", {})["status"] = status
         return error_response(APIError(status, message, code="not_found" if status == 404 else "method_not_allowed"))
@@ -381,10 +468,14 @@ def build_app(server: Server) -> Starlette:
         return error_response(APIError(500, "the server failed on this request; see its log", type="server_error",
                                        code="internal_error"))
 
+    from jishi.runtime.server.dialect_ollama import routes as ollama_routes
+
     routes = [
+        *ollama_routes(fleet),
         Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/v1/embeddings", guarded(embeddings), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/", page("index.html", "text/html; charset=utf-8"), methods=["GET"]),
         Route("/static/app.js", page("app.js", "text/javascript; charset=utf-8"), methods=["GET"]),
@@ -393,9 +484,10 @@ def build_app(server: Server) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        server.scheduler.start()
+        for e in fleet.loaded():
+            e.server.scheduler.start()
         yield
-        server.scheduler.stop()
+        fleet.close()
 
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: not_found, Exception: crashed})

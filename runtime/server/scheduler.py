@@ -58,12 +58,18 @@ class Job:
     stops: tuple[str, ...] = ()
     seed: int | None = None
     adapter: str | None = None
+    constraint: object | None = None  # a constraints.Constraint (already checked to compile)
+    logprobs: int | None = None
+    index: int = 0  # which answer of its request (n > 1): its own random stream from the seed
+    leader: "Job | None" = None  # answer 0 of the request, whose prefill this one copies
+    prefill_logits: np.ndarray | None = None  # a leader's logits after its prompt, for its followers
     arrived: float = field(default_factory=time.monotonic)
     started: float | None = None  # when a slot took it
     first_token: float | None = None
     finished: float | None = None
     cancelled: bool = False
     gen: Generation | None = None
+    followers: int = 0  # how many answers after this one share its prompt
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -80,7 +86,8 @@ class Slot:
 
 
 class Scheduler:
-    def __init__(self, model, max_concurrent: int = 4, queue_limit: int = 16, batch: bool = True):
+    def __init__(self, model, max_concurrent: int = 4, queue_limit: int = 16, batch: bool = True,
+                 release_after: float = 30.0):
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         if queue_limit < 0:
@@ -109,6 +116,9 @@ class Scheduler:
         self.tokens_generated = 0
         self.steps = 0  # model runs, prefill chunks included
         self.served = 0
+        self.forks = 0  # answers started from another's prefill (n > 1)
+        self.release_after = release_after  # idle seconds before the caches are dropped and shrunk
+        self.releases = 0
 
     # --- the outside: any thread -------------------------------------------------------
 
@@ -129,11 +139,15 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull when every slot is busy and the queue is full."""
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue the answers of one request together (all or none), in order."""
         with self._cond:
             busy = sum(s.job is not None for s in self.slots)
-            if busy + len(self._waiting) >= len(self.slots) + self.queue_limit:
+            if busy + len(self._waiting) + len(jobs) > len(self.slots) + self.queue_limit:
                 raise QueueFull(self._retry_after())
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
@@ -149,7 +163,8 @@ class Scheduler:
         with self._cond:
             return {"slots": len(self.slots), "active": sum(s.job is not None for s in self.slots),
                     "queued": len(self._waiting), "queue_limit": self.queue_limit, "served": self.served,
-                    "tokens_generated": self.tokens_generated, "batched": self.batch is not None}
+                    "tokens_generated": self.tokens_generated, "batched": self.batch is not None,
+                    "kv_bytes": self.kv_bytes()}
 
     def _retry_after(self) -> int:
         per_job = sorted(self._durations)[len(self._durations) // 2] if self._durations else 2.0
@@ -162,7 +177,8 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._stop and not self._waiting and all(s.job is None for s in self.slots):
-                    self._cond.wait()
+                    if not self._cond.wait(timeout=self.release_after) and self._release_memory():
+                        continue
                 if self._stop:
                     return
                 self._admit()
@@ -181,13 +197,35 @@ class Scheduler:
                 self.decode_round(ready)
             time.sleep(0)  # let the event loop thread take the GIL and send what was made
 
+    def _release_memory(self) -> bool:
+        """After ``release_after`` idle seconds: drop the slots' caches and shrink the KV blocks
+        back to their first step, so memory returns to its bound after a burst. True if any shrank."""
+        engines = [self.batch] if self.batch is not None else [s.engine for s in self.slots]
+        shrunk = False
+        for e in engines:
+            shrunk = e.shrink() or shrunk
+        if shrunk:
+            self.releases += 1
+        return shrunk
+
+    def kv_bytes(self) -> int:
+        """Bytes the slots' KV caches hold now."""
+        if self.batch is not None:
+            return self.batch.kv_bytes
+        return sum(s.engine.kv_bytes for s in self.slots)
+
     def _admit(self) -> None:
         """Move waiting jobs into free slots, oldest first (called with the lock held)."""
         while self._waiting:
             free = [s for s in self.slots if s.job is None]
             if not free:
                 return
-            job = self._waiting.popleft()
+            job = self._waiting[0]
+            lead = job.leader
+            if lead is not None and lead.prefill_logits is None and lead.gen is not None and lead.finished is None \
+                    and not lead.cancelled:
+                return  # its leader is still reading the prompt: wait, then copy its cache
+            self._waiting.popleft()
             slot = max(free, key=lambda s: (s.adapter == job.adapter, _common_prefix(s.engine.tokens, job.prompt_ids),
                                             -s.last_used))
             slot.job = job
@@ -204,15 +242,38 @@ class Scheduler:
             bound = {s.adapter for s in self.slots} | {None}
             for name in [n for n in self._adapter_inputs if n not in bound]:
                 del self._adapter_inputs[name]  # built again when asked for: memory stays with the bound ones
+        matcher = self.model.matcher(job.constraint) if job.constraint is not None else None
+        job.gen = Generation(self.model.tokenizer, job.prompt_ids, job.budget, job.params, job.stops, job.seed,
+                             self.model.manifest.config.vocab_size, matcher=matcher, logprobs=job.logprobs,
+                             index=job.index)
+        if self._fork(slot, job):
+            return
         start = slot.engine.reuse_prefix(job.prompt_ids)
         slot.todo = job.prompt_ids[start:]
-        job.gen = Generation(self.model.tokenizer, job.prompt_ids, job.budget, job.params, job.stops, job.seed,
-                             self.model.manifest.config.vocab_size)
+
+    def _fork(self, slot: Slot, job: Job) -> bool:
+        """Start a follower from its leader's prefill: copy the prompt's cache rows instead of
+        computing them again. False (prefill as usual) when the leader's cache is gone."""
+        lead = job.leader
+        if lead is None or lead.prefill_logits is None:
+            return False
+        n = len(job.prompt_ids)
+        src = next((s for s in self.slots if s.job is lead), None)
+        if src is None or src is slot or src.adapter != slot.adapter or src.engine.tokens[:n] != job.prompt_ids:
+            return False
+        slot.engine.copy_prefix(src.engine, n)
+        slot.todo = []
+        slot.logits = lead.prefill_logits.copy()
+        self.forks += 1
+        return True
 
     def _prefill(self, slot: Slot) -> None:
         chunk, slot.todo = slot.todo[:PREFILL_CHUNK], slot.todo[PREFILL_CHUNK:]
         slot.logits = slot.engine.feed(chunk)
         self.steps += 1
+        job = slot.job
+        if not slot.todo and job.index == 0 and job.leader is None and job.followers:
+            job.prefill_logits = slot.logits.copy()  # before sampling changes them
 
     def decode_round(self, slots: list[Slot]) -> None:
         """One token for each of these slots: sample from its logits, hand the text on, run the

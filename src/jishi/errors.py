@@ -43,3 +43,7 @@ class MissingExtraError(JishiError):
             f"pip install 'jishi[{extra}]'"
         )
         self.extra = extra
+
+
+class ConstraintError(JishiError):
+    """A JSON schema, regex or grammar that the constrained decoder cannot compile."""

@@ -163,10 +163,11 @@ def build(
                 data_file="model.onnx.data",
                 quantization={**recipe.as_dict(), **(grids.record() if grids else {})},
                 inputs=["input_ids", "seqlens_k", "total_sequence_length", "logits_index", "past_key.*", "past_value.*"],
-                outputs=["logits", "present_key.*", "present_value.*"],
+                outputs=["logits", "hidden_states", "present_key.*", "present_value.*"],
             ),
             tokenizer=tokenizer_info,
             files={},
+            defaults=_generation_defaults(base_model.source),
             merge_points={"targets": list(TARGETS), "rank": "dynamic",
                           "a_default": "block_sums" if side_path else "zeros",
                           "block": recipe.block, **({"graph": adapter_graph} if adapter_graph else {})}
@@ -406,3 +407,10 @@ def _versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
+
+
+def _generation_defaults(source) -> dict:
+    """The sampling defaults a Hugging Face base directory's generation_config.json sets."""
+    from jishi.runtime.defaults import from_generation_config
+
+    return from_generation_config(source) if Path(source).is_dir() else {}

@@ -9,6 +9,7 @@
 | ``delivery``| keygen, sign, pack, verify, install, list, remove, wheelhouse |
 | ``devices`` | devices, plan                                             |
 | ``info``    | info                                                      |
+| ``defaults``| defaults                                                  |
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import sys
 from jishi import __version__
 from jishi.errors import JishiError, MissingExtraError
 
-from . import adapter, delivery, devices, generate, info, make, serve
+from . import adapter, defaults, delivery, devices, generate, info, make, serve
 
-GROUPS = (make, generate, serve, adapter, delivery, devices, info)
+GROUPS = (make, generate, serve, adapter, delivery, devices, info, defaults)
 # A command that reaches a package of an extra that is not installed says which extra to install.
 EXTRA_OF = {name: "build" for name in ("torch", "transformers", "onnx", "optimum", "peft", "accelerate", "gguf",
                                        "safetensors", "sentencepiece")} | {"starlette": "serve", "uvicorn": "serve"}

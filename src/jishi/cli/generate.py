@@ -16,13 +16,23 @@ def register(sub) -> None:
         if name == "run":
             r.add_argument("prompt", help="the prompt ('-' reads standard input)")
             r.add_argument("--raw", action="store_true", help="send the prompt as it is, without the chat template")
+            shape = r.add_mutually_exclusive_group()
+            shape.add_argument("--json-schema", metavar="FILE",
+                               help="the answer is JSON that validates against this JSON Schema file")
+            shape.add_argument("--json", action="store_true", help="the answer is a JSON object")
+            shape.add_argument("--regex", help="the answer matches this regular expression")
+            shape.add_argument("--grammar", metavar="FILE", help="the answer follows this Lark grammar file")
         else:
             r.add_argument("--system", help="system prompt")
-        r.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
-        r.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
-        r.add_argument("--top-k", type=int, default=40)
-        r.add_argument("--top-p", type=float, default=0.95)
-        r.add_argument("--repetition-penalty", type=float, default=1.1)
+        # Unset values are the model's defaults (`jishi defaults BUNDLE` shows them).
+        r.add_argument("--max-tokens", type=int, help="most new tokens per answer (default: the model's, else 256)")
+        r.add_argument("--temperature", type=float, help="0 is plain greedy (default: the model's, else 0.7)")
+        r.add_argument("--top-k", type=int, help="default: the model's, else 40")
+        r.add_argument("--top-p", type=float, help="default: the model's, else 0.95")
+        r.add_argument("--repetition-penalty", type=float,
+                       help="applies when sampling (default: the model's, else 1.1)")
+        r.add_argument("--min-p", type=float,
+                       help="drop tokens below this share of the likeliest token's probability (default 0: off)")
         r.add_argument("--seed", type=int)
         r.add_argument("--adapter", help="use this adapter of the bundle (see `jishi adapter list`)")
         add_load_options(r)
@@ -37,17 +47,40 @@ def sampling(args) -> dict:
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
+        min_p=args.min_p,
         seed=args.seed,
     )
 
 
+def constraint(args) -> dict:
+    """The constraint `jishi run` was given, as generate()'s keyword arguments."""
+    from pathlib import Path
+
+    def read(path: str, what: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise JishiError(f"cannot read the {what} {path}: {e.strerror}") from None
+
+    if args.json_schema:
+        return {"schema": read(args.json_schema, "JSON schema file")}
+    if args.grammar:
+        return {"grammar": read(args.grammar, "grammar file")}
+    if args.regex:
+        return {"regex": args.regex}
+    if args.json:
+        return {"json_object": True}
+    return {}
+
+
 def run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    shape = constraint(args)
     model = load_model(args)
     if args.raw or not model.manifest.tokenizer.chat_template:
-        stream = model.stream(prompt, **sampling(args))
+        stream = model.stream(prompt, **sampling(args), **shape)
     else:
-        stream = model.chat_stream([{"role": "user", "content": prompt}], **sampling(args))
+        stream = model.chat_stream([{"role": "user", "content": prompt}], **sampling(args), **shape)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -60,11 +93,10 @@ def chat(args) -> int:
 
     model = load_model(args)
     if not model.manifest.tokenizer.chat_template:
-        from jishi.errors import JishiError
         from jishi.runtime.tokenizer import NO_TEMPLATE
 
         raise JishiError(NO_TEMPLATE)
-    convo = Conversation(model, system=args.system, reserve=args.max_tokens)
+    convo = Conversation(model, system=args.system, reserve=args.max_tokens or model.defaults.max_tokens or 256)
     print(f"{model.name} ({model.manifest.graph.quantization['name']}, context {model.context}). "
           "Ctrl-C stops a reply, Ctrl-D or /exit leaves, /reset starts over.", file=sys.stderr)
     while True:

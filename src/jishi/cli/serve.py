@@ -12,9 +12,15 @@ from .common import add_load_options, load_model
 
 
 def register(sub) -> None:
-    sv = sub.add_parser("serve", help="serve a model to a classroom: OpenAI-compatible API and a chat page")
-    sv.add_argument("bundle", help="bundle directory or installed model name")
+    sv = sub.add_parser("serve", help="serve models to a classroom: OpenAI- and Ollama-compatible APIs and a chat page")
+    sv.add_argument("bundle", nargs="+", help="bundle directories or installed model names (several: each loads "
+                                              "on first use)")
     _serve_options(sv)
+    sv.add_argument("--idle-unload", type=float, default=300, metavar="SECONDS",
+                    help="with several models: unload one idle this long (default 300)")
+    sv.add_argument("--memory-budget", type=int, metavar="MB",
+                    help="with several models: unload the least recently used idle ones to stay under this "
+                         "(default: 90%% of the memory available at start)")
     add_load_options(sv)
     sv.set_defaults(func=serve)
 
@@ -72,8 +78,33 @@ def serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"warning: listening on {args.host} without an API key: anyone on the network can use this server "
               "(pass --api-key KEY to require one)", file=sys.stderr)
-    run_server(load_model(args), args.host, args.port, config)
+    if len(args.bundle) == 1:
+        args.bundle = args.bundle[0]
+        run_server(load_model(args), args.host, args.port, config)
+        return 0
+    run_server(fleet(args, config), args.host, args.port, config)
     return 0
+
+
+def fleet(args, config):
+    """Several models: their manifests read now, each loaded on its first request."""
+    import jishi
+    from jishi.runtime.server.fleet import Fleet
+
+    if args.idle_unload <= 0:
+        raise JishiError("--idle-unload must be more than 0 seconds")
+    budget = args.memory_budget * 2**20 if args.memory_budget else None
+    if budget is None:
+        from jishi.devices.detect import detect
+
+        available = detect().available_bytes
+        budget = int(available * 0.9) if available else None
+
+    def load(path):
+        return jishi.load(path, threads=args.threads, context=args.context, force=args.force)
+
+    return Fleet.from_paths(args.bundle, config, load, idle_unload=args.idle_unload, budget=budget,
+                            context=args.context)
 
 
 def service_install(args) -> int:
