@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -23,8 +24,8 @@ def test_build_run_info_from_a_hugging_face_directory(tiny_dirs, tmp_path):
 
     info = jishi("info", str(out))
     assert info.returncode == 0, info.stderr
-    for expected in ("quantization  name=int4", "context       128 tokens", "perplexity", "model.onnx.data"):
-        assert expected in info.stdout
+    for expected in (r"quantization +name=int4", r"context +128 tokens", "perplexity", r"model\.onnx\.data"):
+        assert re.search(expected, info.stdout), expected
 
     run = jishi("run", str(out), "Hello", "--temperature", "0", "--max-tokens", "5")
     assert run.returncode == 0, run.stderr
@@ -51,7 +52,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert done.stderr.startswith("jishi: error: no bundle") and "Traceback" not in done.stderr
     done = jishi("build", "--base", "no-such-model")
     assert done.returncode == 1
-    assert "is neither a path that exists nor a known name (smollm2-135m-instruct)" in done.stderr
+    assert "is neither a path that exists nor a known name (smollm2-135m-instruct, gemma3-270m)" in done.stderr
 
 
 def test_version():
@@ -65,6 +66,6 @@ def test_build_for_a_device_uses_the_plan(tiny_dirs, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "plan for rpi4-4gb: int4: fits" in done.stderr
     info = jishi("info", str(out))
-    assert "quantization  name=int4" in info.stdout
+    assert re.search(r"quantization +name=int4", info.stdout)
     plan = jishi("plan", str(out), "--device", "rpi5-8gb")
     assert plan.returncode == 0 and "recommended: int4" in plan.stdout and "fp32" in plan.stdout
