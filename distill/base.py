@@ -377,7 +377,7 @@ def load_config_only(spec) -> "object":
         intermediate=int(value(f"{arch}.feed_forward_length")),
         heads=heads,
         kv_heads=int(value(f"{arch}.attention.head_count_kv", heads)),
-        head_dim=hidden // heads,
+        head_dim=int(value(f"{arch}.attention.key_length", 0)) or hidden // heads,  # Gemma 3: 256, not 640 / 4
         vocab=vocab,
         tied="output.weight" not in {t.name for t in reader.tensors},
     )
