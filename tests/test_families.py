@@ -87,6 +87,10 @@ def test_gemma3_layers_keep_their_own_window_and_rope_base(family_dirs, tmp_path
     assert f["layer_windows"] == [8, None] and f["local_rope_theta"] == 10_000.0 and f["qk_norm"]
     assert f["norm_offset"] == 1.0 and f["activation"] == "gelu_tanh" and f["embedding_scale"] == 8.0
     assert f["attention_scale"] == pytest.approx(24 ** -0.5)
+    from jishi.runtime.describe import architecture  # what `jishi info` shows
+
+    assert architecture(cfg) == ("gemma3_text, RMSNorm (1 + w), sandwich norms, QK-norm, GeGLU, sliding window 8 on 1 "
+                                 "of 2 layers, rope base 10000, embeddings x8, tied head")
     import onnx
 
     graph = onnx.load(str(model.bundle.path("model.onnx")), load_external_data=False).graph
