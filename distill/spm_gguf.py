@@ -35,7 +35,7 @@ def sentencepiece_model(reader) -> bytes:
         raise BaseModelError("the GGUF's tokenizer lists tokens, scores and types of different lengths; the file is damaged")
     proto = pb.ModelProto()
     for piece, score, kind in zip(tokens, scores, types):
-        proto.pieces.add(piece=piece, score=float(score), type=_PIECE_TYPES.get(int(kind), 1))
+        proto.pieces.add(piece=_piece(piece), score=float(score), type=_PIECE_TYPES.get(int(kind), 1))
     spec = proto.trainer_spec
     spec.model_type = _SPM_BPE
     spec.vocab_size = len(tokens)
@@ -51,6 +51,13 @@ def sentencepiece_model(reader) -> bytes:
     norm.escape_whitespaces = True
     del fields
     return proto.SerializeToString()
+
+
+def _piece(token: str) -> str:
+    """A GGUF token as its SentencePiece piece: llama.cpp writes runs of the whitespace mark "▁" as
+    spaces in user-defined pieces (Gemma's "▁▁" is stored as "  "), which SentencePiece never matches
+    (it escapes the text's spaces first)."""
+    return "\u2581" * len(token) if token and not token.strip(" ") else token
 
 
 def fast_tokenizer(path: Path, workdir: Path):
@@ -81,11 +88,25 @@ def fast_tokenizer(path: Path, workdir: Path):
         slow = LlamaTokenizer(str(model), legacy=True, add_bos_token=False, **specials)
     else:
         slow = GemmaTokenizer(str(model), add_bos_token=False, **specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=convert_slow_tokenizer(slow), **specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=_raw_whitespace_pieces(convert_slow_tokenizer(slow)), **specials)
     template = _string(reader, "tokenizer.chat_template")
     if template:
         fast.chat_template = template
     return fast
+
+
+def _raw_whitespace_pieces(tok):
+    """User-defined pieces become tokenizers' added tokens, matched in the text before its spaces
+    become "▁": a run of "▁" among them is matched after that (normalized), as SentencePiece does."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    body = json.loads(tok.to_str())
+    for added in body.get("added_tokens", []):
+        if added["content"] and not added["content"].strip("\u2581") and not added.get("special"):
+            added["normalized"] = True
+    return Tokenizer.from_str(json.dumps(body))
 
 
 def _field(reader, key):
