@@ -49,6 +49,8 @@ def family_dirs(tmp_path_factory, tiny_tokenizer):
     dirs["mistral"] = make_tiny("mistral", root / "mistral", tiny_tokenizer, sliding_window=8)
     dirs["qwen2-window"] = make_tiny("qwen2", root / "qwen2-window", tiny_tokenizer, use_sliding_window=True,
                                      sliding_window=8, max_window_layers=1)
+    # final logit softcapping (Gemma 2 has it; Gemma 3's configs leave it out): logits = c·tanh(logits / c)
+    dirs["gemma3-softcap"] = make_tiny("gemma3", root / "gemma3-softcap", tiny_tokenizer, final_logit_softcapping=2.0)
     return dirs
 
 
@@ -59,7 +61,7 @@ def _build(base, tmp_path, quant="fp32", **kw):
                  quiet=True, **kw)
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["qwen2-window"])
+@pytest.mark.parametrize("family", FAMILIES + ["qwen2-window", "gemma3-softcap"])
 def test_fp32_bundle_equals_transformers_at_every_position(family, family_dirs, tmp_path):
     import jishi
 
@@ -202,3 +204,29 @@ def test_config_that_contradicts_itself_is_refused():
         model_config(gemma, 64)
     with pytest.raises(BaseModelError, match="context 1024 is longer than the model's 512 positions"):
         model_config(transformers.Qwen3Config(max_position_embeddings=512, **small), 1024)
+
+
+def test_phi3_calibrated_int4_takes_gptq_codes_for_its_fused_projections(family_dirs):
+    """GPTQ runs on qkv_proj / gate_up_proj (one Hessian each) and hands the graph codes under the
+    split names: the graph's fused q/k/v weight holds exactly those codes, not round-to-nearest ones."""
+    from onnx import numpy_helper
+
+    from jishi.export.from_torch import model_config, numpy_weights, rope_tables
+    from jishi.export.gptq import gptq_model
+    from jishi.export.graph import QuantRecipe, build_decoder
+    from jishi.export.quant import concat_outputs, quantize_asymmetric
+
+    model = _torch_model(family_dirs["phi3"])
+    cfg = model_config(model.config, CONTEXT)
+    batches = [torch.tensor([_ids(cfg.vocab_size, 64, seed=s)]) for s in range(4)]
+    codes = gptq_model(model, batches, 4, 32)
+    assert sorted(k.split(".")[4] for k in codes if ".layers.0." in k) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    weights = numpy_weights(model, cfg)
+    graph = build_decoder(cfg, weights, None, QuantRecipe("int4", method="gptq"), rope=rope_tables(model, cfg),
+                          prequantized=codes)
+    stored = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}["layer0.attn.qkv.qweight"]
+    names = [f"model.layers.0.self_attn.{t}_proj.weight" for t in "qkv"]
+    assert np.array_equal(stored, concat_outputs([codes[n] for n in names]).packed)
+    rtn = concat_outputs([quantize_asymmetric(weights[n], 4, 32, correct=True) for n in names]).packed
+    assert not np.array_equal(stored, rtn)
