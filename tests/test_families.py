@@ -115,6 +115,22 @@ def test_phi3_longrope_beyond_the_original_positions(family_dirs, tmp_path):
     got = model.engine.feed(ids, all_logits=True)
     assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max()
 
+    # Decoding across the original 128 positions: short factors before, long ones after, the cached
+    # keys keeping the rotation they were given; transformers with its cache does the same.
+    with torch.no_grad():
+        out = ref_model(torch.tensor([ids[:100]]), use_cache=True)
+        cache, want = out.past_key_values, [out.logits[0, -1].numpy()]
+        for t in ids[100:160]:
+            out = ref_model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            want.append(out.logits[0, -1].numpy())
+    engine = model.engine
+    engine.reset()
+    got = [engine.feed(ids[:100])] + [engine.step(t).copy() for t in ids[100:160]]
+    got, want = np.stack(got).reshape(61, -1), np.stack(want)
+    assert np.abs(got - want).max() <= RTOL * np.abs(want).max()
+    assert np.abs(want[:28] - ref[99:127]).max() > 100 * RTOL * np.abs(ref).max()  # short factors differ
+
 
 def _graph_engine(cfg, model, recipe, tmp_path):
     from jishi.export.from_torch import numpy_weights, rope_tables

@@ -66,7 +66,8 @@ def model_config(hf_config, context: int | None = None) -> ModelConfig:
         raise BaseModelError(f"context {context} is longer than the model's {max_pos} positions; pass a smaller context")
     feats = family.features(hf_config, head_dim)
     windows = tuple(w if w is not None and w < context else None for w in layer_windows(hf_config))
-    feats = _replace(feats, layer_windows=windows)
+    feats = _replace(feats, layer_windows=windows,
+                     rope_long_after=feats.rope_long_after if feats.rope_long_after < context else 0)
     _check_features(feats, head_dim)
     uniform = {w for w in windows}
     return ModelConfig(
