@@ -271,8 +271,9 @@ def _refuse_multimodal_gguf(path: Path) -> None:
 
 def load_tokenizer(path: Path):
     """The base's tokenizer (a transformers fast tokenizer): a GGUF's SentencePiece vocabulary rebuilt
-    as the model it came from (transformers' own GGUF reading differs from it on some text), any other
-    GGUF vocabulary as transformers reads it, a directory's tokenizer as it is."""
+    as the model it came from (transformers' own GGUF reading differs from it on some text), a byte-level
+    BPE GGUF as transformers reads it with the split its pre-tokenizer name says (Llama 3), a directory's
+    tokenizer as it is."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -281,7 +282,15 @@ def load_tokenizer(path: Path):
 
         with tempfile.TemporaryDirectory() as tmp:
             tok = fast_tokenizer(path, Path(tmp))
-        return tok if tok is not None else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        if tok is not None:
+            return tok
+        from gguf import GGUFReader
+
+        from jishi.distill.bpe_gguf import with_pre_tokenizer
+        from jishi.distill.spm_gguf import _string
+
+        pre = _string(GGUFReader(str(path)), "tokenizer.ggml.pre")
+        return with_pre_tokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), pre)
     return AutoTokenizer.from_pretrained(path)
 
 
