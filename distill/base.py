@@ -351,7 +351,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
             if i not in ids:
                 ids.append(int(i))
     # Chat models end a turn with a template token that may differ from EOS.
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"):
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):  # ChatML, Llama 3, Phi-3, Gemma
         tid = tokenizer.convert_tokens_to_ids(token)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0 and tid not in ids:
             if tokenizer.chat_template and token in tokenizer.chat_template:

@@ -48,3 +48,21 @@ def test_run_passes_template_variables(qwen3_bundle):
     assert run.stdout == expected + "\n"
     bad = jishi("run", str(qwen3_bundle), "Hello", "--template-var", "enable_thinking")
     assert bad.returncode != 0 and "--template-var 'enable_thinking': write NAME=VALUE" in bad.stderr
+
+
+def test_gemma_turn_end_is_an_end_token(tmp_path, tiny_tokenizer):
+    """A Gemma-style chat template ends a turn with <end_of_turn>: generation stops there."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import make_tiny
+    from jishi.distill.base import load_base
+
+    base = make_tiny("gemma3", tmp_path / "g", tiny_tokenizer)
+    tok = PreTrainedTokenizerFast.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<end_of_turn>", special=True)]})
+    tok.chat_template = ("{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    tok.save_pretrained(base)
+    loaded = load_base(base)
+    assert tok.convert_tokens_to_ids("<end_of_turn>") in loaded.eos_token_ids
