@@ -51,6 +51,14 @@ def family_dirs(tmp_path_factory, tiny_tokenizer):
                                      sliding_window=8, max_window_layers=1)
     # final logit softcapping (Gemma 2 has it; Gemma 3's configs leave it out): logits = c·tanh(logits / c)
     dirs["gemma3-softcap"] = make_tiny("gemma3", root / "gemma3-softcap", tiny_tokenizer, final_logit_softcapping=2.0)
+    # rope scalings: Llama 3.1/3.2's, linear, and YaRN (Qwen2.5 / Qwen3 long context)
+    dirs["llama3-rope"] = make_tiny("llama", root / "llama3-rope", tiny_tokenizer, rope_theta=500_000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+    dirs["llama-linear"] = make_tiny("llama", root / "llama-linear", tiny_tokenizer,
+                                     rope_scaling={"rope_type": "linear", "factor": 4.0})
+    dirs["qwen3-yarn"] = make_tiny("qwen3", root / "qwen3-yarn", tiny_tokenizer, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
     return dirs
 
 
@@ -61,7 +69,8 @@ def _build(base, tmp_path, quant="fp32", **kw):
                  quiet=True, **kw)
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["qwen2-window", "gemma3-softcap"])
+@pytest.mark.parametrize("family", FAMILIES + ["qwen2-window", "gemma3-softcap", "llama3-rope", "llama-linear",
+                                                "qwen3-yarn"])
 def test_fp32_bundle_equals_transformers_at_every_position(family, family_dirs, tmp_path):
     import jishi
 
