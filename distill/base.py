@@ -280,8 +280,11 @@ def load_tokenizer(path: Path):
     if path.is_file():
         from jishi.distill.spm_gguf import fast_tokenizer
 
+        from jishi.distill.spm_gguf import CONVERSION
+
+        cached = cache_dir() / "tokenizers" / f"{sha256_file(path)}-{CONVERSION}.json"
         with tempfile.TemporaryDirectory() as tmp:
-            tok = fast_tokenizer(path, Path(tmp))
+            tok = fast_tokenizer(path, Path(tmp), cached)
         if tok is not None:
             return tok
         from gguf import GGUFReader

@@ -93,14 +93,27 @@ def runtime_tokenizer(path: Path):
     return Tokenizer(None, info, json_text=_plain_tokenizer_json(tok))
 
 
-def test_gguf_sentencepiece_tokenizer_equals_sentencepiece(spm_model, tmp_path):
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("JISHI_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_gguf_sentencepiece_tokenizer_equals_sentencepiece(spm_model, tmp_path, own_cache):
     ref = spm.SentencePieceProcessor(model_file=str(spm_model))
-    ours = runtime_tokenizer(write_spm_gguf(spm_model, tmp_path / "tiny.gguf"))
+    gguf_file = write_spm_gguf(spm_model, tmp_path / "tiny.gguf")
+    ours = runtime_tokenizer(gguf_file)
     assert len(LINES) >= 25
     for line in LINES:
         expected = ref.encode(line)
         assert ours.encode(line) == [2] + expected, line  # BOS (id 2) first, as the GGUF asks
         assert ours.decode(ours.encode(line)) == ref.decode(expected) == line
+    # the conversion is kept by the file's sha256 and read back the same the next time
+    cached = list((own_cache / "tokenizers").glob("*.json"))
+    assert len(cached) == 1
+    again = runtime_tokenizer(gguf_file)
+    assert list((own_cache / "tokenizers").glob("*")) == cached
+    assert all(again.encode(line) == ours.encode(line) for line in LINES)
     # byte fallback was exercised: the CJK line is bytes only in this English-trained model
     assert any(ref.id_to_piece(i).startswith("<0x") for i in ref.encode(LINES[17]))
 
