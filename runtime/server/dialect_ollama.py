@@ -160,25 +160,6 @@ def parse(body, chat: bool) -> tuple[Request, dict]:
     return req, {"num_predict": num_predict, "num_ctx": num_ctx, "raw_prompt": prompt}
 
 
-def fit_conversation(server, req: Request, num_ctx: int, reserve: int, adapter) -> tuple[Request, list[int]]:
-    """Drop the oldest turns (never a system message) until the prompt leaves ``reserve``
-    tokens of ``num_ctx`` for the answer, as Ollama does."""
-    from jishi.runtime.server.app import prompt_ids
-
-    messages = list(req.messages)
-    while True:
-        trial = replace(req, messages=messages)
-        ids = prompt_ids(server, trial, adapter)
-        if len(ids) + reserve <= num_ctx:
-            return trial, ids
-        rest = [i for i, m in enumerate(messages) if m["role"] != "system"]
-        if len(rest) <= 1:
-            return trial, ids  # the last message alone: the context check says what to do
-        drop = rest[0]
-        nxt = next((i for i in rest[1:] if messages[i]["role"] == "user"), rest[1])  # up to the next user turn
-        del messages[drop:nxt]
-
-
 # --- answers ---------------------------------------------------------------------------------
 
 
@@ -300,7 +281,7 @@ def _entry(bundle, tag_name: str) -> dict:
 
 
 def routes(fleet) -> list[Route]:
-    from jishi.runtime.server.app import JobResponse, _plan, check_key, read_json
+    from jishi.runtime.server.app import JobResponse, _plan, check_key, fit_conversation, read_json
 
     config = fleet.config
 
