@@ -261,3 +261,13 @@ def test_the_openai_clients_pydantic_parse(client, model):
                                       response_format=Reading, temperature=1.0, seed=3, max_tokens=80)
     parsed = r.choices[0].message.parsed
     assert isinstance(parsed, Reading) and -40 <= parsed.celsius <= 60
+
+
+def test_n_waits_for_lanes_when_the_pool_is_smaller(model, client):
+    """n=3 on a server with 2 slots: the third answer queues for a lane and is the same answer."""
+    args = dict(model=model.name, messages=[{"role": "user", "content": "Tell me about rivers."}], n=3,
+                temperature=1.0, seed=42, max_tokens=16)
+    wide = [c.message.content for c in client.chat.completions.create(**args).choices]
+    with LiveServer(model, max_concurrent=2, queue=4) as small:
+        narrow = openai.OpenAI(base_url=small.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert [c.message.content for c in narrow.chat.completions.create(**args).choices] == wide
