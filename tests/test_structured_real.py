@@ -88,9 +88,10 @@ def test_memory_comes_back_after_a_burst(model):
         threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
-        grown = 0
+        grown = peak = 0
         while any(t.is_alive() for t in threads):
             grown = max(grown, live.scheduler.kv_bytes())
+            peak = max(peak, proc.memory_info().rss)
             threading.Event().wait(0.2)
         deadline = threading.Event()
         for _ in range(50):
@@ -98,4 +99,6 @@ def test_memory_comes_back_after_a_burst(model):
                 break
             deadline.wait(0.2)
         assert grown > first_kv and live.scheduler.kv_bytes() == first_kv
-        assert proc.memory_info().rss < start + (64 << 20)
+        # most of what the burst added is given back (the allocator keeps some: measured alone,
+        # 352 -> 575 -> 328 MB; inside pytest, with torch loaded, a few tens of MB stay)
+        assert proc.memory_info().rss - start < (peak - start) / 2, (start >> 20, peak >> 20)
