@@ -271,3 +271,34 @@ def test_n_waits_for_lanes_when_the_pool_is_smaller(model, client):
     with LiveServer(model, max_concurrent=2, queue=4) as small:
         narrow = openai.OpenAI(base_url=small.url + "/v1", api_key="none", max_retries=0, timeout=60)
         assert [c.message.content for c in narrow.chat.completions.create(**args).choices] == wide
+
+
+def test_prompts_that_arrive_together_are_read_in_one_run(model):
+    """Jobs admitted in the same round share one prefill run; each answer is still its own."""
+    import threading
+
+    from jishi.runtime.sampling import SamplingParams
+    from jishi.runtime.server.scheduler import Job
+
+    prompts = ["The value of", "A list is", "Assignment statements are used to"]
+    refs = [model.generate(p, max_new_tokens=8, temperature=0).text for p in prompts]
+    with LiveServer(model, max_concurrent=4, queue=8) as live:
+        sched = live.scheduler
+        before = sched.batch.batched_prefills
+        finished = threading.Semaphore(0)
+        results = {}
+
+        def sink_for(i):
+            def sink(kind, value):
+                if kind in ("done", "error", "cancelled"):
+                    results[i] = value
+                    finished.release()
+            return sink
+
+        jobs = [Job(prompt_ids=model.tokenizer.encode(p), budget=8, params=SamplingParams(temperature=0),
+                    sink=sink_for(i)) for i, p in enumerate(prompts)]
+        sched.submit_all(jobs)  # queued together: the next round admits all three
+        for _ in jobs:
+            assert finished.acquire(timeout=60)
+        assert [results[i].text for i in range(3)] == refs
+        assert sched.batch.batched_prefills > before
