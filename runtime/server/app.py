@@ -346,7 +346,7 @@ def check_constraint(server: Server, constraint, param: str) -> None:
     """400 naming ``param`` when the engine cannot compile the constraint."""
     if constraint is None:
         return
-    from jishi.errors import ConstraintError, MissingExtraError
+    from jishi.errors import ConstraintError, JishiError
     from jishi.runtime.constraints import compiler_for
 
     model = server.model
@@ -354,7 +354,7 @@ def check_constraint(server: Server, constraint, param: str) -> None:
         compiler_for(model.tokenizer, model.manifest.config.vocab_size).check(constraint)
     except ConstraintError as e:
         raise bad(str(e), param, "invalid_schema") from None
-    except MissingExtraError as e:
+    except JishiError as e:  # llguidance missing from this install
         raise APIError(501, str(e), type="server_error", param=param, code="unsupported") from None
 
 
