@@ -103,6 +103,7 @@ class BatchEngine:
         self.decode_runs = 0
         self.decoded_rows = 0  # rows over all decode runs: ÷ decode_runs is the mean batch
         self.widest = 0  # the most rows one decode run carried
+        self.batched_prefills = 0  # runs that read several prompts at once
 
     @property
     def capacity(self) -> int:
@@ -247,6 +248,61 @@ class BatchEngine:
         order = [lane.row - lo for lane in lanes]
         out = self._logits[lo:hi]
         return out if order == list(range(len(lanes))) else out[order]
+
+    def prefill_many(self, lanes: list[Lane], prompts: list[list[int]]) -> np.ndarray:
+        """Read several prompts into empty lanes in one run; the logits after each (n × vocab).
+
+        The lanes move to a contiguous range of rows (``arrange``) and must share their inputs.
+        The prompts are right-padded to the longest, with each row's own length in
+        ``seqlens_k``: attention never sees the padding, and the cache positions past a row's
+        length (the padding's keys and values) are written over as that row decodes."""
+        if not lanes or len(lanes) != len(prompts) or any(not p for p in prompts):
+            raise ValueError("prefill_many() needs one non-empty prompt for each of at least one lane")
+        if any(lane.tokens for lane in lanes):
+            raise ValueError("prefill_many() fills empty lanes only")
+        inputs = lanes[0].inputs
+        if any(lane.inputs is not inputs for lane in lanes):
+            raise ValueError("the lanes of one prefill run must share their inputs (one adapter per run)")
+        width = max(len(p) for p in prompts)
+        if width > self.context:
+            raise ContextLengthError(f"{width} tokens do not fit in the context window of {self.context}")
+        self._reserve(width)
+        (lo, hi), = self.arrange([lanes])
+        order = sorted(range(len(lanes)), key=lambda k: lanes[k].row)
+        n = hi - lo
+        ids = np.zeros((n, width), np.int64)
+        lengths = np.zeros(n, np.int32)
+        for k in order:
+            r = lanes[k].row - lo
+            ids[r, :len(prompts[k])] = prompts[k]
+            lengths[r] = len(prompts[k])
+        io = self.session.io_binding()
+        keep = []
+        shared: dict[int, ort.OrtValue] = {}
+        for name, a in inputs.items():
+            if id(a) not in shared:
+                shared[id(a)] = ort.OrtValue.ortvalue_from_numpy(a)
+            io.bind_ortvalue_input(name, shared[id(a)])
+        for i in range(self.cfg.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                v = ort.OrtValue.ortvalue_from_numpy(self._kv[2 * i + j, lo:hi])
+                keep.append(v)
+                io.bind_ortvalue_input(f"past_{kind}.{i}", v)
+                io.bind_ortvalue_output(f"present_{kind}.{i}", v)
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("seqlens_k", lengths - 1)
+        io.bind_cpu_input("total_sequence_length", np.asarray(width, np.int32))
+        io.bind_cpu_input("logits_index", (np.arange(n) * width + lengths - 1).astype(np.int64))
+        logits = np.empty((n, self.cfg.vocab_size), np.float32)
+        io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(io)
+        self.runs += 1
+        self.batched_prefills += 1
+        out = np.empty_like(logits)
+        for k, (lane, p) in enumerate(zip(lanes, prompts)):
+            lane.tokens = list(p)
+            out[k] = logits[lane.row - lo]
+        return out
 
     def prefill(self, lane: Lane, ids: list[int], all_logits: bool = False) -> np.ndarray:
         """Feed tokens after what the lane holds, with batch 1 on its row; logits of the last

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from jishi.errors import ConstraintError, MissingExtraError
+from jishi.errors import ConstraintError, JishiError
 
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 
@@ -97,7 +97,8 @@ def _llg():
     try:
         import llguidance
     except ImportError:
-        raise MissingExtraError("structured", "constrained decoding (a JSON schema, regex or grammar)") from None
+        raise JishiError("constrained decoding (a JSON schema, regex or grammar) needs llguidance, one of jishi's "
+                         "dependencies, which is missing here: pip install 'llguidance>=1.6'") from None
     return llguidance
 
 

@@ -33,6 +33,20 @@ class Result:
 
 SCORE_CHUNK = 128  # tokens whose logits score() holds at once
 POOLING = {"mean": lambda h: h.mean(axis=0), "last": lambda h: h[-1]}
+EMBED_BATCH_TOKENS = 1024  # padded tokens per embedding run: bounds its scratch and cache
+
+
+def embed_batches(encoded: list[list[int]]) -> list[list[int]]:
+    """Indices of the texts grouped for one run each: similar lengths together (little padding),
+    at most EMBED_BATCH_TOKENS padded tokens a group; a longer text alone."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * len(encoded[i]) <= EMBED_BATCH_TOKENS:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 class Stream:
@@ -366,6 +380,7 @@ class Model:
             raise JishiError("embed() needs one or more non-empty texts")
         self.use_adapter(adapter)
         out = np.empty((len(texts), self.manifest.config.hidden_size), np.float32)
+        encoded = []
         for i, text in enumerate(texts):
             ids = self.tokenizer.encode(text)
             if len(ids) > self.context:
@@ -373,8 +388,14 @@ class Model:
                     raise ContextLengthError(f"text {i} is {len(ids)} tokens, longer than the context of "
                                              f"{self.context}; shorten it or pass truncate=True")
                 ids = ids[:self.context]
-            out[i] = POOLING[pooling](self.engine.hidden_states(ids))
-        self.engine.reset()
+            encoded.append(ids)
+        for group in embed_batches(encoded):
+            if len(group) == 1 and len(encoded[group[0]]) > EMBED_BATCH_TOKENS:  # long: in chunks, on the cache
+                out[group[0]] = POOLING[pooling](self.engine.hidden_states(encoded[group[0]]))
+                self.engine.reset()
+                continue
+            for i, h in zip(group, self.engine.hidden_states_batch([encoded[i] for i in group])):
+                out[i] = POOLING[pooling](h)
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out[0] if single else out

@@ -138,3 +138,24 @@ def test_decode_refuses_lanes_it_cannot_run_together(tiny_bundles):
         b.decode(b.lanes[:2], [1, 1])
     with pytest.raises(ValueError, match="one token for each"):
         b.decode(b.lanes[:1], [1, 2])
+
+
+def test_several_prompts_read_in_one_run_equal_one_at_a_time(tiny_bundles):
+    """prefill_many: right-padded prompts of different lengths, one run; logits and the decode after
+    it equal batch 1 (the padding's cache positions are written over as each row decodes)."""
+    m, b = open_both(tiny_bundles["fp32"], 4)
+    prompts = encode(m, PROMPTS)
+    refs = [greedy_reference(m, ids, 6) for ids in prompts]
+    lanes = [b.lanes[3], b.lanes[0], b.lanes[2]]  # any rows: they are arranged
+    first = b.prefill_many(lanes, prompts)
+    assert b.batched_prefills == 1 and [lane.tokens for lane in lanes] == prompts
+    out = [[row.copy()] for row in first]
+    for _ in range(6):
+        tokens = [int(np.argmax(o[-1])) for o in out]
+        logits = b.decode(lanes, tokens)
+        for o, row in zip(out, logits):
+            o.append(row.copy())
+    for got, ref in zip(out, refs):
+        np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="empty lanes only"):
+        b.prefill_many(lanes[:1], prompts[:1])

@@ -261,3 +261,44 @@ def test_the_openai_clients_pydantic_parse(client, model):
                                       response_format=Reading, temperature=1.0, seed=3, max_tokens=80)
     parsed = r.choices[0].message.parsed
     assert isinstance(parsed, Reading) and -40 <= parsed.celsius <= 60
+
+
+def test_n_waits_for_lanes_when_the_pool_is_smaller(model, client):
+    """n=3 on a server with 2 slots: the third answer queues for a lane and is the same answer."""
+    args = dict(model=model.name, messages=[{"role": "user", "content": "Tell me about rivers."}], n=3,
+                temperature=1.0, seed=42, max_tokens=16)
+    wide = [c.message.content for c in client.chat.completions.create(**args).choices]
+    with LiveServer(model, max_concurrent=2, queue=4) as small:
+        narrow = openai.OpenAI(base_url=small.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert [c.message.content for c in narrow.chat.completions.create(**args).choices] == wide
+
+
+def test_prompts_that_arrive_together_are_read_in_one_run(model):
+    """Jobs admitted in the same round share one prefill run; each answer is still its own."""
+    import threading
+
+    from jishi.runtime.sampling import SamplingParams
+    from jishi.runtime.server.scheduler import Job
+
+    prompts = ["The value of", "A list is", "Assignment statements are used to"]
+    refs = [model.generate(p, max_new_tokens=8, temperature=0).text for p in prompts]
+    with LiveServer(model, max_concurrent=4, queue=8) as live:
+        sched = live.scheduler
+        before = sched.batch.batched_prefills
+        finished = threading.Semaphore(0)
+        results = {}
+
+        def sink_for(i):
+            def sink(kind, value):
+                if kind in ("done", "error", "cancelled"):
+                    results[i] = value
+                    finished.release()
+            return sink
+
+        jobs = [Job(prompt_ids=model.tokenizer.encode(p), budget=8, params=SamplingParams(temperature=0),
+                    sink=sink_for(i)) for i, p in enumerate(prompts)]
+        sched.submit_all(jobs)  # queued together: the next round admits all three
+        for _ in jobs:
+            assert finished.acquire(timeout=60)
+        assert [results[i].text for i in range(3)] == refs
+        assert sched.batch.batched_prefills > before

@@ -65,3 +65,40 @@ def test_int4_logprobs_stay_near_score(model):
         scored = model.score(ids + tokens)[len(ids) - 1:]
         diffs += list(np.abs(np.array([e.logprob for e in r.logprobs]) - scored))
     assert np.median(diffs) < 0.1 and max(diffs) < 1.0, (np.median(diffs), max(diffs))
+
+
+def test_memory_comes_back_after_a_burst(model):
+    """RSS grows with the caches during a burst and returns to near its start once they are released."""
+    psutil = pytest.importorskip("psutil")
+    pytest.importorskip("starlette")
+    import threading
+
+    import httpx
+    from serving import LiveServer
+
+    proc = psutil.Process()
+    with LiveServer(model, max_concurrent=4, queue=16, release_after=2.0) as live:
+        httpx.post(live.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=60)
+        start, first_kv = proc.memory_info().rss, live.scheduler.kv_bytes()
+
+        def one(i):
+            httpx.post(live.url + "/v1/completions", json={"prompt": f"word number {i} " * 150, "max_tokens": 150,
+                                                           "temperature": 0.8}, timeout=600)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        grown = peak = 0
+        while any(t.is_alive() for t in threads):
+            grown = max(grown, live.scheduler.kv_bytes())
+            peak = max(peak, proc.memory_info().rss)
+            threading.Event().wait(0.2)
+        deadline = threading.Event()
+        for _ in range(50):
+            if live.scheduler.kv_bytes() == first_kv:
+                break
+            deadline.wait(0.2)
+        assert grown > first_kv and live.scheduler.kv_bytes() == first_kv
+        # most of what the burst added is given back (the allocator keeps some: measured alone,
+        # 352 -> 575 -> 328 MB; inside pytest, with torch loaded, a few tens of MB stay)
+        assert proc.memory_info().rss - start < (peak - start) / 2, (start >> 20, peak >> 20)

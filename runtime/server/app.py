@@ -326,11 +326,28 @@ def prompt_ids(server: Server, req, adapter: str | None, param: str = "messages"
         raise bad(f"the chat template refused these messages: {e}", param) from None
 
 
+def fit_conversation(server, req: Request, num_ctx: int, reserve: int, adapter) -> tuple[Request, list[int]]:
+    """Drop the oldest turns (never a system message) until the prompt leaves ``reserve``
+    tokens of ``num_ctx`` for the answer, as Ollama does."""
+    messages = list(req.messages)
+    while True:
+        trial = replace(req, messages=messages)
+        ids = prompt_ids(server, trial, adapter)
+        if len(ids) + reserve <= num_ctx:
+            return trial, ids
+        rest = [i for i, m in enumerate(messages) if m["role"] != "system"]
+        if len(rest) <= 1:
+            return trial, ids  # the last message alone: the context check says what to do
+        drop = rest[0]
+        nxt = next((i for i in rest[1:] if messages[i]["role"] == "user"), rest[1])  # up to the next user turn
+        del messages[drop:nxt]
+
+
 def check_constraint(server: Server, constraint, param: str) -> None:
     """400 naming ``param`` when the engine cannot compile the constraint."""
     if constraint is None:
         return
-    from jishi.errors import ConstraintError, MissingExtraError
+    from jishi.errors import ConstraintError, JishiError
     from jishi.runtime.constraints import compiler_for
 
     model = server.model
@@ -338,7 +355,7 @@ def check_constraint(server: Server, constraint, param: str) -> None:
         compiler_for(model.tokenizer, model.manifest.config.vocab_size).check(constraint)
     except ConstraintError as e:
         raise bad(str(e), param, "invalid_schema") from None
-    except MissingExtraError as e:
+    except JishiError as e:  # llguidance missing from this install
         raise APIError(501, str(e), type="server_error", param=param, code="unsupported") from None
 
 
@@ -403,6 +420,10 @@ def build_app(server) -> Starlette:
         body = await read_json(request, config.max_body)
         req = parse_chat(body) if chat else parse_completion(body)
         server = await fleet.server_for(req.model)
+        if req.truncate:  # the request opts into losing its oldest turns rather than a 400
+            model = server.model
+            reserve = min(req.max_tokens or model.defaults.max_tokens or config.max_tokens, model.context // 2)
+            req, _ = fit_conversation(server, req, model.context, reserve, server.resolve_model(req.model))
         jobs_args, prompt_tokens = _plan(server, req, info)
         renderer = Renderer(server.model.tokenizer, chat, req.model or server.model.name, prompt_tokens, req.stream,
                             req.include_usage, tools_on=bool(req.tools) and req.tool_choice != "none")

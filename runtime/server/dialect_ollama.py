@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from jishi.runtime.server import reasoning as R
 from jishi.runtime.server import tools as T
 from jishi.runtime.server.protocol import DEFAULTS, APIError, Request, bad, check_schema
 from jishi.runtime.sampling import SamplingParams
@@ -160,30 +161,14 @@ def parse(body, chat: bool) -> tuple[Request, dict]:
     return req, {"num_predict": num_predict, "num_ctx": num_ctx, "raw_prompt": prompt}
 
 
-def fit_conversation(server, req: Request, num_ctx: int, reserve: int, adapter) -> tuple[Request, list[int]]:
-    """Drop the oldest turns (never a system message) until the prompt leaves ``reserve``
-    tokens of ``num_ctx`` for the answer, as Ollama does."""
-    from jishi.runtime.server.app import prompt_ids
-
-    messages = list(req.messages)
-    while True:
-        trial = replace(req, messages=messages)
-        ids = prompt_ids(server, trial, adapter)
-        if len(ids) + reserve <= num_ctx:
-            return trial, ids
-        rest = [i for i, m in enumerate(messages) if m["role"] != "system"]
-        if len(rest) <= 1:
-            return trial, ids  # the last message alone: the context check says what to do
-        drop = rest[0]
-        nxt = next((i for i in rest[1:] if messages[i]["role"] == "user"), rest[1])  # up to the next user turn
-        del messages[drop:nxt]
-
-
 # --- answers ---------------------------------------------------------------------------------
 
 
 class Renderer:
-    def __init__(self, model_id: str, chat: bool, prompt_tokens: int, tools_on: bool, context: list[int] | None):
+    def __init__(self, model_id: str, chat: bool, prompt_tokens: int, tools_on: bool, context: list[int] | None,
+                 thinks: bool = False):
+        self.thinks = chat and thinks
+        self._splitter = R.Splitter()
         self.model_id = model_id
         self.chat = chat
         self.prompt_tokens = prompt_tokens
@@ -200,9 +185,11 @@ class Renderer:
     def _head(self) -> dict:
         return {"model": self.model_id, "created_at": now_iso()}
 
-    def _body(self, text: str, calls=None) -> dict:
+    def _body(self, text: str, calls=None, thinking: str | None = None) -> dict:
         if self.chat:
             message = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
             if calls:
                 message["tool_calls"] = [{"function": {"name": c["function"]["name"],
                                                        "arguments": _args(c["function"]["arguments"])}}
@@ -234,14 +221,25 @@ class Renderer:
                 return []
             text, self._held = self._held, ""
         self._shown = True
-        return [{**self._head(), **self._body(text), "done": False}]
+        return self._text_lines(text)
+
+    def _text_lines(self, text: str, flush: bool = False) -> list:
+        if not self.thinks:
+            return [{**self._head(), **self._body(text), "done": False}] if text or not flush else []
+        reasoning, content = self._splitter.push(text)
+        if flush:
+            r2, c2 = self._splitter.flush()
+            reasoning, content = reasoning + r2, content + c2
+        if not reasoning and not content:
+            return []
+        return [{**self._head(), **self._body(content, thinking=reasoning or None), "done": False}]
 
     def done(self, i: int, gen) -> list:
         calls = T.parse_calls(gen.text) if self.tools_on and not self._shown else None
         if calls:
             return [{**self._head(), **self._body("", calls), "done": False}, self._final(gen, "")]
         held, self._held = self._held, ""
-        return ([{**self._head(), **self._body(held), "done": False}] if held else []) + [self._final(gen, "")]
+        return (self._text_lines(held, flush=True) if (held or self.thinks) else []) + [self._final(gen, "")]
 
     def end(self, gens) -> list:
         return []
@@ -249,7 +247,15 @@ class Renderer:
     def whole(self, gens) -> dict:
         gen = gens[0]
         calls = T.parse_calls(gen.text) if self.tools_on else None
-        return self._final(gen, "" if calls else gen.text, calls)
+        if calls:
+            return self._final(gen, "", calls)
+        if self.thinks:
+            thinking, content = R.split(gen.text)
+            out = self._final(gen, content)
+            if thinking is not None:
+                out["message"]["thinking"] = thinking
+            return out
+        return self._final(gen, gen.text)
 
     @staticmethod
     def error_object(err) -> dict:
@@ -300,7 +306,7 @@ def _entry(bundle, tag_name: str) -> dict:
 
 
 def routes(fleet) -> list[Route]:
-    from jishi.runtime.server.app import JobResponse, _plan, check_key, read_json
+    from jishi.runtime.server.app import JobResponse, _plan, check_key, fit_conversation, read_json
 
     config = fleet.config
 
@@ -407,7 +413,8 @@ def routes(fleet) -> list[Route]:
         budget = room if np_ in (-1, -2) else min(np_ or model.defaults.max_tokens or server.config.max_tokens, room)
         req = replace(req, max_tokens=budget)
         jobs_args, prompt_tokens = _plan(server, req, info)
-        renderer = Renderer(req.model, chat, prompt_tokens, bool(req.tools), None if chat else ids)
+        renderer = Renderer(req.model, chat, prompt_tokens, bool(req.tools), None if chat else ids,
+                            thinks=R.thinks(model.manifest.tokenizer.chat_template))
         return JobResponse(server, jobs_args, renderer, req.stream, info, framing="ndjson")
 
     async def chat(request):

@@ -13,6 +13,7 @@ import uuid
 
 from starlette.responses import JSONResponse
 
+from jishi.runtime.server import reasoning as R
 from jishi.runtime.server import tools as T
 
 
@@ -25,6 +26,8 @@ class Renderer:
     def __init__(self, tokenizer, chat: bool, model_id: str, prompt_tokens: int, stream: bool, include_usage: bool,
                  tools_on: bool):
         self.tok = tokenizer
+        self.thinks = chat and R.thinks(tokenizer.info.chat_template)
+        self._split: dict[int, R.Splitter] = {}
         self.chat = chat
         self.model_id = model_id
         self.prompt_tokens = prompt_tokens
@@ -78,8 +81,12 @@ class Renderer:
         if calls:
             return {"index": i, "message": {"role": "assistant", "content": None, "tool_calls": calls},
                     "logprobs": lp, "finish_reason": "tool_calls"}
-        return {"index": i, "message": {"role": "assistant", "content": gen.text}, "logprobs": lp,
-                "finish_reason": gen.finish_reason}
+        message = {"role": "assistant", "content": gen.text}
+        if self.thinks:
+            reasoning, message["content"] = R.split(gen.text)
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+        return {"index": i, "message": message, "logprobs": lp, "finish_reason": gen.finish_reason}
 
     def whole(self, gens) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model_id,
@@ -107,7 +114,24 @@ class Renderer:
                 return []
             self._held[i], text = "", held
         self._shown[i] = True
-        return [self._chunk(i, {"content": text}, lp=self._lp(gen))]
+        return self._text_chunks(i, text, gen)
+
+    def _text_chunks(self, i: int, text: str, gen, flush: bool = False) -> list:
+        if not self.thinks:
+            return [self._chunk(i, {"content": text}, lp=self._lp(gen))] if text or not flush else []
+        splitter = self._split.setdefault(i, R.Splitter())
+        reasoning, content = splitter.push(text)
+        if flush:
+            r2, c2 = splitter.flush()
+            reasoning, content = reasoning + r2, content + c2
+        out = []
+        if reasoning:
+            out.append(self._chunk(i, {"reasoning_content": reasoning}))
+        if content:
+            out.append(self._chunk(i, {"content": content}))
+        if out and gen.top_logprobs is not None:
+            out[-1]["choices"][0]["logprobs"] = self._lp(gen)
+        return out
 
     def done(self, i: int, gen) -> list:
         if not self.chat:
@@ -122,7 +146,7 @@ class Renderer:
                        for k, c in enumerate(calls)]
             out = [self._chunk(i, d) for d in deltas]
             return out + [self._chunk(i, {}, "tool_calls", self._lp(gen))]
-        out = [self._chunk(i, {"content": held})] if held else []
+        out = self._text_chunks(i, held, gen, flush=True) if (held or self.thinks) else []
         return out + [self._chunk(i, {}, gen.finish_reason, self._lp(gen))]
 
     def end(self, gens) -> list:

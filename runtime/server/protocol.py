@@ -62,6 +62,7 @@ class Request:
     tools: tuple = ()  # tools.Tool
     tool_choice: object = "auto"  # "auto", "none", "required" or a tool name
     given: tuple = ()  # (name, value) of the sampling values the request set: the rest are the model's defaults
+    truncate: bool = False  # chat: drop the oldest turns (never a system message) to fit, instead of a 400
 
 
 def _number(body: dict, name: str, lo: float, hi: float, default, lo_open: bool = False):
@@ -317,7 +318,10 @@ def parse_chat(body) -> Request:
                 raise bad(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id", "invalid_type")
             entry["tool_call_id"] = call_id or ""
         out.append(entry)
-    return Request(messages=out, prompt=None, tools=tools, tool_choice=choice, **common)
+    truncate = body.get("truncate", False)
+    if not isinstance(truncate, bool):
+        raise bad("'truncate' must be true or false", "truncate", "invalid_type")
+    return Request(messages=out, prompt=None, tools=tools, tool_choice=choice, truncate=truncate, **common)
 
 
 def _tool_calls(calls, where: str) -> list[dict]:

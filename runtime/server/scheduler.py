@@ -7,7 +7,8 @@ A single scheduler thread runs every model call. Each round it
 1. admits waiting jobs (first come, first served) into free slots, choosing the
    free slot whose cache already holds the longest start of the prompt;
 2. feeds each prefilling slot one chunk of its prompt, so a long prompt never
-   holds the others up for long;
+   holds the others up for long; batched, new prompts that fit in one chunk are read
+   together, in one run per adapter group;
 3. advances every decoding slot by one token (``decode_round``).
 
 So all active answers progress together and a new one gets its first token
@@ -188,8 +189,9 @@ class Scheduler:
                     self._release(slot, None)
             active = [s for s in active if s.job is not None]
             ready = []
+            together = self._prefill_together(active)
             for slot in active:
-                if slot.todo:
+                if slot.todo and slot not in together:
                     self._guard(slot, self._prefill, slot)
                 if slot.job is not None and not slot.todo:
                     ready.append(slot)
@@ -266,6 +268,37 @@ class Scheduler:
         slot.logits = lead.prefill_logits.copy()
         self.forks += 1
         return True
+
+    def _prefill_together(self, active: list[Slot]) -> list[Slot]:
+        """Batched: the new prompts of this round that fit in one chunk, read in one run per
+        adapter group (a run reads the weights once however many rows it carries). The slots done."""
+        if self.batch is None:
+            return []
+        groups: dict = {}
+        for slot in active:
+            if slot.todo and not slot.engine.tokens and len(slot.todo) <= PREFILL_CHUNK:
+                groups.setdefault(id(slot.engine.inputs), []).append(slot)
+        done = []
+        for group in groups.values():
+            if len(group) < 2:
+                continue
+            try:
+                logits = self.batch.prefill_many([s.engine for s in group], [s.todo for s in group])
+            except Exception as e:  # every job of the run gets the error; the server goes on
+                for slot in group:
+                    slot.engine.reset()
+                    slot.adapter = _UNBOUND
+                    self._release(slot, e)
+                done += group
+                continue
+            self.steps += 1
+            for k, slot in enumerate(group):
+                slot.todo, slot.logits = [], logits[k]
+                job = slot.job
+                if job.index == 0 and job.leader is None and job.followers:
+                    job.prefill_logits = slot.logits.copy()
+            done += group
+        return done
 
     def _prefill(self, slot: Slot) -> None:
         chunk, slot.todo = slot.todo[:PREFILL_CHUNK], slot.todo[PREFILL_CHUNK:]
