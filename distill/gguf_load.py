@@ -39,7 +39,8 @@ def load_gguf_model(path: Path, config):
     params = dict(model.named_parameters())
     filled: set[str] = set()
     with torch.no_grad():
-        for t in tqdm(reader.tensors, desc="Loading the GGUF's tensors", unit="tensor", leave=False):
+        for t in tqdm(reader.tensors, desc="Loading the GGUF's tensors", unit="tensor", leave=False,
+                      disable=None):
             out = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
                                     tensor_key_mapping=mapping, parsed_parameters=parsed)
             name = mapping.get(out.name)

@@ -28,9 +28,10 @@ def test_a_1_to_4b_gguf_builds_within_24_gib(shape):
 
 
 def test_the_estimate_covers_what_the_default_base_was_measured_to_take():
-    """Measured here: building SmolLM2-135M at --quant gguf peaked at 1.2 GB of RSS (load 1.19 GB)."""
+    """Measured here: `jishi build` of SmolLM2-135M (--quant gguf, evaluation included) peaked at 1.54 GB of
+    RSS; the estimate must cover it without asking for much more."""
     smol = ModelShape("smollm2", 30, 576, 1536, 9, 3, 64, 49152, True)
-    assert 1.2 * 10**9 <= build_memory(smol, "gguf") <= 2.5 * 10**9
+    assert 1.54e9 <= build_memory(smol, "gguf") <= 2.5e9
 
 
 def test_a_build_that_does_not_fit_is_refused_before_loading(tiny_dirs, monkeypatch):

@@ -195,3 +195,16 @@ def test_an_adapter_on_the_gguf_grids_equals_peft_on_the_dequantized_model(loade
     m.use_adapter("alpha")
     np.testing.assert_allclose(m.engine.feed(ids, all_logits=True), adapted, atol=1e-4 * scale, rtol=0)
     assert np.abs(adapted - plain).max() > 100 * 1e-4 * scale  # the adapter does change the output
+
+
+def test_the_gguf_is_read_into_torch_as_transformers_reads_it(tiny_gguf, loaded):
+    """jishi reads a GGUF one tensor at a time; the model equals transformers' own reading exactly."""
+    import transformers
+
+    path = tiny_gguf[0]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  torch_dtype=torch.float32).eval()
+    ours, theirs = loaded.model.state_dict(), reference.state_dict()
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name

@@ -48,20 +48,33 @@ def test_the_known_base_is_the_checked_gguf_with_its_licence_and_no_template(bas
     assert m.tokenizer.chat_template is None and m.tokenizer.add_bos
 
 
-def test_fp32_greedy_continuations_equal_transformers(base, bundles):
+@pytest.fixture(scope="module")
+def transformers_model(base):
+    """transformers' own reading of the same GGUF (jishi reads it one tensor at a time)."""
+    from pathlib import Path
+
+    import transformers
+
+    path = Path(base.source)
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                             torch_dtype=torch.float32).eval()
+
+
+def test_fp32_greedy_continuations_equal_transformers(transformers_model, bundles):
     import jishi
     from tests.test_export import compare_greedy
 
+    reference = transformers_model
     model = jishi.load(bundles["fp32"])
     for prompt in PROMPTS:
         ids = model.tokenizer.encode(prompt)
         with torch.no_grad():
-            out = base.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                       max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
                                       output_scores=True, return_dict_in_generate=True)
             expected = out.sequences[0, len(ids):].tolist()
             margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores]
-            ref = base.model(out.sequences).logits[0, len(ids) - 1:-1].numpy()
+            ref = reference(out.sequences).logits[0, len(ids) - 1:-1].numpy()
         engine = model.engine
         engine.reset()
         got_logits = [engine.feed(ids)]
