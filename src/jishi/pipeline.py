@@ -105,8 +105,6 @@ def build(
                          "use --quant int4 (or int8, fp16, fp32)")
     if quant == "gguf" and merged is not None:
         raise JishiError("a merged adapter moves the weights off the GGUF's grids: build it with --quant int4 or int8")
-    if quant == "gguf" and head_bits != 8:
-        raise JishiError("--head applies to int4 and int8 bundles; --quant gguf keeps the file's own embedding grid")
     tokenizer_info = base_model.tokenizer_info()
     if chat_template is not None:
         tokenizer_info = _with_template(base_model, tokenizer_info, chat_template)
