@@ -242,7 +242,10 @@ def check_build_memory(base, quant: str | None, evaluate: bool = True) -> int:
     from jishi.planning import model_shape
 
     spec = str(base or DEFAULT_BASE)
-    shape = model_shape(spec)
+    try:
+        shape = model_shape(spec)
+    except (KeyError, TypeError, ValueError):  # a config of another kind: loading it says what is wrong
+        return 0
     gguf = not Path(spec).is_dir()
     need = build_memory(shape, quant or ("gguf" if gguf else "int4"), gguf=gguf, evaluate=evaluate)
     available = detect().available_bytes
