@@ -51,7 +51,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert done.stderr.startswith("jishi: error: no bundle") and "Traceback" not in done.stderr
     done = jishi("build", "--base", "no-such-model")
     assert done.returncode == 1
-    assert "is neither a path that exists nor a known name (smollm2-135m-instruct)" in done.stderr
+    assert "is neither a path that exists nor a known name (smollm2-135m-instruct, gemma3-270m)" in done.stderr
 
 
 def test_version():

@@ -241,7 +241,11 @@ def check_build_memory(base, quant: str | None, evaluate: bool = True) -> int:
     from jishi.errors import DeviceFitError
     from jishi.planning import model_shape
 
+    from jishi.distill.base import KNOWN_BASES
+
     spec = str(base or DEFAULT_BASE)
+    if not Path(spec).expanduser().exists() and spec.lower() not in KNOWN_BASES:
+        return 0  # loading says what it is not
     try:
         shape = model_shape(spec)
     except (KeyError, TypeError, ValueError):  # a config of another kind: loading it says what is wrong
