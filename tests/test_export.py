@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from margins import assert_greedy_agrees
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -63,16 +65,7 @@ def test_greedy_generation_matches_transformers_generate(family, tiny_dirs, tmp_
     for _ in range(len(expected)):
         got.append(int(np.argmax(logits)))
         logits = engine.step(got[-1])
-    compare_greedy(got, expected, margins)
-
-
-def compare_greedy(got: list[int], expected: list[int], margins: list[float], tol: float = ATOL) -> None:
-    """Equal tokens, except from a step where PyTorch's top-2 margin is within the tolerance."""
-    for step, (a, b) in enumerate(zip(got, expected)):
-        if a != b:
-            assert margins[step] < tol, f"token {step} differs ({a} vs {b}) with a top-2 margin of {margins[step]:.2e}"
-            return
-    assert len(got) == len(expected)
+    assert_greedy_agrees(got, expected, margins, ATOL)
 
 
 def _dequantized_reference(model, quant, head_bits=8):

