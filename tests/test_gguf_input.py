@@ -26,7 +26,7 @@ def test_a_truncated_file_is_refused_with_its_name(tiny_gguf, tmp_path):
     cut = tmp_path / "cut.gguf"
     data = tiny_gguf.read_bytes()
     cut.write_bytes(data[: len(data) - 5000])
-    with pytest.raises(BaseModelError, match=rf"{cut.name} is truncated or damaged.*download it again"):
+    with pytest.raises(BaseModelError, match=rf"{cut.name} is not a readable GGUF file \(truncated.*fetch or convert it again"):
         load_base(str(cut))
 
 
