@@ -331,17 +331,29 @@ def _refuse_multimodal_gguf(path: Path) -> None:
 
 def load_tokenizer(path: Path):
     """The base's tokenizer (a transformers fast tokenizer): a GGUF's SentencePiece vocabulary rebuilt
-    as the model it came from (transformers' own GGUF reading differs from it on some text), any other
-    GGUF vocabulary as transformers reads it, a directory's tokenizer as it is."""
+    as the model it came from (transformers' own GGUF reading differs from it on some text), a byte-level
+    BPE GGUF as transformers reads it with the split its pre-tokenizer name says (Llama 3), a directory's
+    tokenizer as it is."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if path.is_file():
         from jishi.distill.spm_gguf import fast_tokenizer
 
+        from jishi.distill.spm_gguf import CONVERSION
+
+        cached = cache_dir() / "tokenizers" / f"{sha256_file(path)}-{CONVERSION}.json"
         with tempfile.TemporaryDirectory() as tmp:
-            tok = fast_tokenizer(path, Path(tmp))
-        return tok if tok is not None else AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            tok = fast_tokenizer(path, Path(tmp), cached)
+        if tok is not None:
+            return tok
+        from gguf import GGUFReader
+
+        from jishi.distill.bpe_gguf import with_pre_tokenizer
+        from jishi.distill.spm_gguf import _string
+
+        pre = _string(GGUFReader(str(path)), "tokenizer.ggml.pre")
+        return with_pre_tokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), pre)
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -402,7 +414,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
             if i not in ids:
                 ids.append(int(i))
     # Chat models end a turn with a template token that may differ from EOS.
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"):
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):  # ChatML, Llama 3, Phi-3, Gemma
         tid = tokenizer.convert_tokens_to_ids(token)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0 and tid not in ids:
             if tokenizer.chat_template and token in tokenizer.chat_template:
@@ -437,7 +449,7 @@ def load_config_only(spec) -> "object":
         intermediate=int(value(f"{arch}.feed_forward_length")),
         heads=heads,
         kv_heads=int(value(f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(value(f"{arch}.attention.key_length", 0)) or hidden // heads,
+        head_dim=int(value(f"{arch}.attention.key_length", 0)) or hidden // heads,  # Gemma 3: 256, not 640 / 4
         vocab=vocab,
         tied="output.weight" not in {t.name for t in reader.tensors},
     )

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jishi.errors import AdapterError, JishiError
+from jishi.errors import AdapterError, BaseModelError, JishiError
 from jishi.runtime.store import swap_in
 
 TARGET_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
@@ -206,8 +206,14 @@ def finetune(base, data: str | Path, output: str | Path, name: str | None = None
     heldout, train = examples[:n_held], examples[n_held:]
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.eos_token_ids[0]
 
+    from jishi.families import model_config, peft_modules
+
+    try:  # a fused projection (Phi-3's qkv_proj, gate_up_proj) is one PEFT module for its targets
+        modules = peft_modules(model_config(loaded.model.config, 16), config.targets)
+    except BaseModelError as e:
+        raise JishiError(f"--targets: {e}") from None
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
-                      target_modules=[TARGET_MODULES[t] for t in config.targets], task_type="CAUSAL_LM")
+                      target_modules=modules, task_type="CAUSAL_LM")
     model = get_peft_model(loaded.model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)

@@ -267,6 +267,11 @@ def build_student(teacher, plan: StudentPlan):
     if plan.num_heads:
         config.head_dim = hd  # no longer hidden size / heads
         config.num_attention_heads = plan.num_heads
+    try:  # the student's config must read back as it will be saved (e.g. Phi-3 checks longrope factors
+        type(config).from_dict(config.to_dict())  # against hidden size / heads, not head_dim)
+    except ValueError as e:
+        raise JishiError(f"the student's configuration would not load again ({e}); this model cannot lose query "
+                         "heads: prune layers or MLP width only") from None
     torch.manual_seed(0)  # the fresh weights are all overwritten; keep construction deterministic anyway
     student = type(teacher)(config).to(torch.float32)
     source = teacher.state_dict()
@@ -280,10 +285,15 @@ def build_student(teacher, plan: StudentPlan):
                 idx = torch.tensor(plan.channels[j], dtype=torch.long)
                 if rest.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
                     value = value.index_select(0, idx)
+                elif rest.startswith("mlp.gate_up_proj."):  # fused (Phi-3): gate rows, then up rows
+                    value = value.index_select(0, torch.cat([idx, idx + teacher.config.intermediate_size]))
                 elif rest == "mlp.down_proj.weight":
                     value = value.index_select(1, idx)
-            if plan.heads is not None and rest.startswith(("self_attn.q_proj.", "self_attn.o_proj.")):
+            if plan.heads is not None and rest.startswith(("self_attn.q_proj.", "self_attn.o_proj.", "self_attn.qkv_proj.")):
                 rows = torch.tensor([h * hd + d for h in plan.heads[j] for d in range(hd)], dtype=torch.long)
+                if rest.startswith("self_attn.qkv_proj."):  # fused (Phi-3): the kept query heads, every k and v row
+                    q_rows = teacher.config.num_attention_heads * hd
+                    rows = torch.cat([rows, torch.arange(q_rows, value.shape[0])])
                 value = value.index_select(1 if rest == "self_attn.o_proj.weight" else 0, rows)
             target[key] = value
         else:

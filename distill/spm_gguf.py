@@ -3,13 +3,15 @@
 GGUF files of SentencePiece models (``tokenizer.ggml.model == "llama"``: Gemma, Llama 1–2,
 Mistral v1) carry each piece with its score and type. transformers' GGUF conversion reads
 those scores as a Unigram model, which tokenizes some text differently from the original BPE
-(measured on a SentencePiece BPE model with byte fallback: 5 of 29 multilingual lines). Rebuilt
+(measured on a SentencePiece BPE model with byte fallback: 5 of 29 multilingual lines; on the
+real Gemma 3 270M file, with its leading-space handling, 23 of 29). Rebuilt
 as a SentencePiece BPE model, the vocabulary converts with transformers' own converter for
 SentencePiece files (merges by score, byte fallback) and matches sentencepiece itself.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from jishi.errors import BaseModelError
@@ -35,7 +37,7 @@ def sentencepiece_model(reader) -> bytes:
         raise BaseModelError("the GGUF's tokenizer lists tokens, scores and types of different lengths; the file is damaged")
     proto = pb.ModelProto()
     for piece, score, kind in zip(tokens, scores, types):
-        proto.pieces.add(piece=piece, score=float(score), type=_PIECE_TYPES.get(int(kind), 1))
+        proto.pieces.add(piece=_piece(piece), score=float(score), type=_PIECE_TYPES.get(int(kind), 1))
     spec = proto.trainer_spec
     spec.model_type = _SPM_BPE
     spec.vocab_size = len(tokens)
@@ -53,8 +55,21 @@ def sentencepiece_model(reader) -> bytes:
     return proto.SerializeToString()
 
 
-def fast_tokenizer(path: Path, workdir: Path):
-    """A transformers fast tokenizer equal to the GGUF's SentencePiece model (None if it has none)."""
+def _piece(token: str) -> str:
+    """A GGUF token as its SentencePiece piece: llama.cpp writes runs of the whitespace mark "▁" as
+    spaces in user-defined pieces (Gemma's "▁▁" is stored as "  "), which SentencePiece never matches
+    (it escapes the text's spaces first)."""
+    return "\u2581" * len(token) if token and not token.strip(" ") else token
+
+
+CONVERSION = "spm-1"  # names this conversion in cached tokenizers: change it when the conversion changes
+
+
+def fast_tokenizer(path: Path, workdir: Path, cached: Path | None = None):
+    """A transformers fast tokenizer equal to the GGUF's SentencePiece model (None if it has none).
+
+    Converting a large vocabulary takes a while (Gemma 3's 262,144 pieces: about a minute here);
+    ``cached`` (a path named by the file's sha256) keeps the result for the next load."""
     from gguf import GGUFReader
     from transformers import GemmaTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import convert_slow_tokenizer
@@ -75,17 +90,45 @@ def fast_tokenizer(path: Path, workdir: Path):
     # Both slow tokenizers read the rebuilt model and convert it the same way (BPE merges by score,
     # byte fallback); they differ in the leading space SentencePiece adds.
     specials = dict(bos_token=token("bos"), eos_token=token("eos"), unk_token=token("unknown"), pad_token=token("padding"))
-    if add_prefix:
-        # legacy: the space is added before any text, as SentencePiece does (the newer scheme skips it
-        # before text that starts with a space).
-        slow = LlamaTokenizer(str(model), legacy=True, add_bos_token=False, **specials)
+    if cached is not None and cached.is_file():
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(cached))
     else:
-        slow = GemmaTokenizer(str(model), add_bos_token=False, **specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=convert_slow_tokenizer(slow), **specials)
+        if add_prefix:
+            # legacy: the space is added before any text, as SentencePiece does (the newer scheme skips it
+            # before text that starts with a space).
+            slow = LlamaTokenizer(str(model), legacy=True, add_bos_token=False, **specials)
+        else:
+            slow = GemmaTokenizer(str(model), add_bos_token=False, **specials)
+        backend = _raw_whitespace_pieces(convert_slow_tokenizer(slow))
+        if cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                part = cached.with_name(cached.name + f".{os.getpid()}.part")
+                backend.save(str(part))
+                os.replace(part, cached)
+            except OSError:  # a read-only cache: convert again next time
+                pass
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
     template = _string(reader, "tokenizer.chat_template")
     if template:
         fast.chat_template = template
     return fast
+
+
+def _raw_whitespace_pieces(tok):
+    """User-defined pieces become tokenizers' added tokens, matched in the text before its spaces
+    become "▁": a run of "▁" among them is matched after that (normalized), as SentencePiece does."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    body = json.loads(tok.to_str())
+    for added in body.get("added_tokens", []):
+        if added["content"] and not added["content"].strip("\u2581") and not added.get("special"):
+            added["normalized"] = True
+    return Tokenizer.from_str(json.dumps(body))
 
 
 def _field(reader, key):

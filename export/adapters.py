@@ -16,11 +16,15 @@ from jishi.runtime.adapters import check_params
 from jishi.runtime.bundle import open_bundle
 from jishi.runtime.manifest import SIGNATURE
 
-_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.lora_([AB])(?:\.default)?\.weight$")
+_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down|qkv|gate_up)_proj\.lora_([AB])"
+                  r"(?:\.default)?\.weight$")
 
 
-def read_peft(adapter_dir: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """A PEFT LoRA directory as our tensors (A: in × r; B: r × out, scaled) and its config."""
+def read_peft(adapter_dir: str | Path, cfg=None) -> tuple[dict[str, np.ndarray], dict]:
+    """A PEFT LoRA directory as our tensors (A: in × r; B: r × out, scaled) and its config.
+
+    A LoRA on a fused projection (Phi-3's ``qkv_proj``, ``gate_up_proj``) becomes one per target
+    it holds: the same A, and B's columns of that target (``cfg``, the bundle's config, says where)."""
     from safetensors.numpy import load_file
 
     adapter_dir = Path(adapter_dir)
@@ -42,13 +46,30 @@ def read_peft(adapter_dir: str | Path) -> tuple[dict[str, np.ndarray], dict]:
         m = _KEY.match(key)
         if not m:
             raise AdapterError(f"adapter tensor {key!r} is not a LoRA weight of a Llama-family projection")
-        layer, target, which = m.groups()
+        layer, module, which = m.groups()
         value = value.astype(np.float32)
-        if which == "A":
-            params[f"layers.{layer}.{target}.lora_A"] = np.ascontiguousarray(value.T)
-        else:
-            params[f"layers.{layer}.{target}.lora_B"] = np.ascontiguousarray(value.T * scale)
+        for target, (start, stop) in _targets_of(module + "_proj", cfg, adapter_dir).items():
+            if which == "A":
+                params[f"layers.{layer}.{target}.lora_A"] = np.ascontiguousarray(value.T)
+            else:
+                part = value.T if stop is None else value.T[:, start:stop]
+                params[f"layers.{layer}.{target}.lora_B"] = np.ascontiguousarray(part * scale)
     return params, config
+
+
+def _targets_of(module: str, cfg, adapter_dir) -> dict[str, tuple[int, int | None]]:
+    """The targets a source module holds, with their output columns (None: the whole module)."""
+    if module not in ("qkv_proj", "gate_up_proj"):
+        return {module[: -len("_proj")]: (0, None)}
+    if cfg is None:
+        raise AdapterError(f"the adapter in {adapter_dir} adapts the fused projection {module}: add it to a bundle "
+                           "of its model, whose config says how it splits")
+    from jishi.families import source_projections
+
+    found = {t: (a, b) for t, (m, a, b) in source_projections(cfg).items() if m == module}
+    if not found:
+        raise AdapterError(f"the adapter in {adapter_dir} adapts {module}, which this {cfg.family} model does not have")
+    return found
 
 
 def _model_name(text: str) -> str:
@@ -107,7 +128,7 @@ def add_adapter(bundle_dir: str | Path, name: str, adapter_dir: str | Path) -> P
     if not m.merge_points:
         raise AdapterError("this bundle was built without merge points (--no-merge-points); rebuild it to add adapters, "
                            "or merge the adapter in at build time with --merge")
-    params, config = read_peft(adapter_dir)
+    params, config = read_peft(adapter_dir, m.config)
     named = config.get("base_model_name_or_path") or ""
     trained_on = check_base(adapter_dir, config, m.provenance)
     # layers, targets and every shape are checked against this bundle (raises AdapterError)

@@ -58,11 +58,14 @@ def rope_tables(model, cfg: ModelConfig) -> dict[str, tuple[np.ndarray, float]]:
     """The rotary tables the graph uses: ``global`` always, ``local`` for models whose windowed
     layers have their own rope base (Gemma 3's ``rotary_emb_local``).
 
-    Frequencies that depend on the length (longrope: short factors up to the original
-    positions, long ones beyond) are taken for the bundle's context, as transformers
-    computes them for a sequence of that length.
+    Longrope (Phi-3/4) uses short factors up to the original positions and long ones beyond:
+    for a context past them the graph gets both (``global`` short, ``long``) and switches on
+    the sequence's length, as transformers does.
     """
-    tables = {"global": _table(model.model.rotary_emb, model.config, cfg.context_length)}
+    feats = features_of(cfg)
+    tables = {"global": _table(model.model.rotary_emb, model.config, None)}
+    if feats.rope_long_after:
+        tables["long"] = _table(model.model.rotary_emb, model.config, cfg.context_length)
     local = getattr(model.model, "rotary_emb_local", None)
     if features_of(cfg).local_rope_theta and local is not None:
         tables["local"] = _table(local, getattr(local, "config", model.config), cfg.context_length)
@@ -70,7 +73,9 @@ def rope_tables(model, cfg: ModelConfig) -> dict[str, tuple[np.ndarray, float]]:
 
 
 def _table(emb, config, context: int | None) -> tuple[np.ndarray, float]:
+    """The frequencies for a sequence of ``context`` tokens (None: the short ones). Longrope's are
+    computed afresh: a forward pass past the original positions swaps the module's own buffer."""
     inv_freq, scaling = emb.inv_freq, float(getattr(emb, "attention_scaling", 1.0))
-    if context is not None and getattr(emb, "rope_type", "default") == "longrope":
+    if getattr(emb, "rope_type", "default") == "longrope":
         inv_freq, scaling = emb.rope_init_fn(config, inv_freq.device, seq_len=context)
     return inv_freq.detach().double().cpu().numpy(), float(scaling)

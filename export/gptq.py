@@ -23,7 +23,8 @@ from jishi.export.quant import QuantizedWeight, from_grid
 
 # projection → the input it reads (those sharing one share a Hessian)
 INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
-            "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+            "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in",
+            "qkv_proj": "attn_in", "gate_up_proj": "mlp_in"}  # fused (Phi-3)
 
 
 def collect_hessians(model, batches) -> dict[str, "object"]:
@@ -44,7 +45,7 @@ def collect_hessians(model, batches) -> dict[str, "object"]:
 
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("q_proj", "o_proj", "gate_proj", "down_proj") and ".layers." in f".{name}":
+        if leaf in ("q_proj", "o_proj", "gate_proj", "down_proj", "qkv_proj", "gate_up_proj") and ".layers." in f".{name}":
             layer = name.split(".layers.")[1].split(".")[0]
             hooks.append(module.register_forward_pre_hook(hook(f"model.layers.{layer}.{INPUT_OF[leaf]}")))
     try:
@@ -111,14 +112,23 @@ def gptq_quantize(w: np.ndarray, hessian, bits: int = 4, block: int = 32, damp: 
 
 def gptq_model(model, batches, bits: int = 4, block: int = 32, progress=None) -> dict[str, QuantizedWeight]:
     """GPTQ codes of every block projection of ``model``, by weight name."""
+    from jishi.families import model_config, source_projections
+
     hessians = collect_hessians(model, batches)
+    where = source_projections(model_config(model.config, 16))
     out = {}
     for name, p in model.named_parameters():
         parts = name.split(".")
         if len(parts) == 6 and parts[1] == "layers" and parts[4] in INPUT_OF and parts[5] == "weight":
-            out[name] = gptq_quantize(p.detach().float().numpy(), hessians[hessian_key(name)], bits, block)
-            if progress:
-                progress(1)
+            w = p.detach().float().numpy()
+            # A fused projection's rows are its targets' (GPTQ treats each row alone, with the shared Hessian):
+            # their codes go under the split names the graph reads.
+            for target, (module, start, stop) in where.items():
+                if module == parts[4]:
+                    split = ".".join(parts[:4] + [f"{target}_proj", "weight"])
+                    out[split] = gptq_quantize(w[start:stop], hessians[hessian_key(name)], bits, block)
+                    if progress:
+                        progress(1)
     return out
 
 

@@ -273,6 +273,11 @@ def build_decoder(
         cos, sin = rope_caches(freqs, cfg.context_length, scaling)
         stem = "rope" if kind == "global" else f"rope.{kind}"
         tables[kind] = (g.init(f"{stem}.cos", cos), g.init(f"{stem}.sin", sin))
+    if "long" in tables:  # longrope: the long table once the sequence passes the original positions
+        past = g.op("Greater", ["total_sequence_length", g.init("rope.long_after", np.array(feats.rope_long_after, np.int32))],
+                    name="rope/is_long")
+        tables["global"] = tuple(g.op("Where", [past, long, short], name=f"rope/pick_{i}")
+                                 for i, (long, short) in enumerate(zip(tables.pop("long"), tables["global"])))
 
     embed = weights["model.embed_tokens.weight"]
     lm_head = embed if cfg.tie_word_embeddings else weights["lm_head.weight"]

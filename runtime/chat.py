@@ -10,10 +10,11 @@ from jishi.errors import ContextLengthError
 class Conversation:
     """Messages so far; the oldest turns are dropped (the system prompt kept) when the context fills."""
 
-    def __init__(self, model, system: str | None = None, reserve: int = 256):
+    def __init__(self, model, system: str | None = None, reserve: int = 256, template_vars: dict | None = None):
         self.model = model
         self.system = system
         self.reserve = reserve  # tokens kept free for the answer
+        self.template_vars = dict(template_vars or {})  # passed to the chat template (Qwen3: enable_thinking)
         self.messages: list[dict] = []
 
     def reset(self) -> None:
@@ -31,7 +32,7 @@ class Conversation:
         budget = self.model.context - reserve
         messages = list(self.messages)
         while True:
-            prompt = self.model.chat_prompt(self._with_system(messages))
+            prompt = self.model.chat_prompt(self._with_system(messages), self.template_vars)
             if self.model.count_tokens(prompt, chat=True) <= budget:
                 self.messages = messages
                 return prompt

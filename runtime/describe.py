@@ -33,6 +33,7 @@ def describe(bundle) -> str:
         ("size", f"{bundle.size / 1e6:.1f} MB in {len(m.files)} files"),
         ("model", f"{c.family}, {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads "
                   f"({c.num_kv_heads} KV), vocab {c.vocab_size}"),
+        ("architecture", architecture(c)),
         ("quantization", ", ".join(f"{k}={v}" for k, v in q.items() if k not in _FORMAT_KEYS)),
         ("context", f"{c.context_length} tokens"),
         ("base", f"{m.provenance.get('base')} ({m.provenance.get('base_source')}, sha256 "
@@ -85,3 +86,32 @@ def describe(bundle) -> str:
     for n, f in m.files.items():
         lines.append(f"  {n:<{fw}}  {f.size / 1e6:9.2f} MB  sha256 {f.sha256[:16]}")
     return "\n".join(lines)
+
+
+def architecture(c) -> str:
+    """The graph's features in words (the manifest's ``config.features``)."""
+    f = c.features or {}
+    parts = [c.model_type or c.family]
+    parts.append("RMSNorm (1 + w)" if f.get("norm_offset") else "RMSNorm")
+    if f.get("post_attention_norm"):
+        parts.append("sandwich norms")
+    if f.get("qk_norm"):
+        parts.append("QK-norm")
+    if c.attention_bias:
+        parts.append("q/k/v bias")
+    parts.append({"gelu_tanh": "GeGLU", "silu": "SwiGLU"}.get(f.get("activation", "silu"), f.get("activation")))
+    if f.get("rotary_dim"):
+        parts.append(f"rotary on {f['rotary_dim']} of {c.head_dim} dims")
+    if c.rope_scaling:
+        parts.append(f"rope {c.rope_scaling.get('rope_type', c.rope_scaling.get('type'))}")
+    windows = f.get("layer_windows") or ([c.sliding_window] * c.num_layers if c.sliding_window else [])
+    local = [w for w in windows if w]
+    if local:
+        base = f", rope base {f['local_rope_theta']:g}" if f.get("local_rope_theta") else ""
+        parts.append(f"sliding window {max(local)} on {len(local)} of {c.num_layers} layers{base}")
+    if f.get("embedding_scale", 1.0) != 1.0:
+        parts.append(f"embeddings x{f['embedding_scale']:.4g}")
+    if f.get("final_logit_softcap"):
+        parts.append(f"logit softcap {f['final_logit_softcap']:g}")
+    parts.append("tied head" if c.tie_word_embeddings else "separate head")
+    return ", ".join(parts)

@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
-from jinja2.ext import loopcontrols
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -40,7 +40,8 @@ class Tokenizer:
         if info.chat_template:
             # The environment Hugging Face chat templates are written for: {% break %} / {% continue %},
             # raise_exception, strftime_now, and a tojson that keeps non-ASCII text as it is.
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[loopcontrols, _GenerationBlock])
             env.globals["raise_exception"] = _raise
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             env.filters["tojson"] = _tojson
@@ -148,6 +149,17 @@ class ChatPrompt(str):
                 out.append((text[max(0, start - at):], special))
             at = end
         return ChatPrompt(str(self)[start:], out)
+
+
+class _GenerationBlock(Extension):
+    """``{% generation %}…{% endgeneration %}``, which some templates put around the assistant's text
+    (transformers uses it to mark tokens for training): rendered as its contents."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
 def _raise(message: str):

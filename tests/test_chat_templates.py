@@ -84,3 +84,23 @@ def test_raise_exception_in_a_template_is_a_clear_error(pair):
     with pytest.raises(JishiError, match="the chat template refused these messages: role tool is not one this "
                                          "template knows"):
         ours.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_generation_blocks_render_their_contents(tiny_tokenizer):
+    """Templates that mark the assistant's text with {% generation %} (transformers' training mask)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from jishi.runtime.manifest import TokenizerInfo
+    from jishi.runtime.tokenizer import Tokenizer
+
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
+                "{{ m.content }}<|im_end|>{% endgeneration %}{% else %}{{ m.content }}<|im_end|>{% endif %}\n"
+                "{% endfor %}")
+    ref = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer, eos_token="<|im_end|>")
+    ref.chat_template = template
+    info = TokenizerInfo(file="tokenizer.json", add_bos=False, bos_token=None, eos_tokens=["<|im_end|>"],
+                         eos_token_ids=[2], chat_template=template)
+    ours = Tokenizer(None, info, json_text=tiny_tokenizer.to_str())
+    expected = ref.apply_chat_template(MESSAGES, tokenize=False)
+    assert str(ours.apply_chat_template(MESSAGES, add_generation_prompt=False)) == expected
+    assert "4.<|im_end|>" in expected

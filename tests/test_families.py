@@ -49,6 +49,16 @@ def family_dirs(tmp_path_factory, tiny_tokenizer):
     dirs["mistral"] = make_tiny("mistral", root / "mistral", tiny_tokenizer, sliding_window=8)
     dirs["qwen2-window"] = make_tiny("qwen2", root / "qwen2-window", tiny_tokenizer, use_sliding_window=True,
                                      sliding_window=8, max_window_layers=1)
+    # final logit softcapping (Gemma 2 has it; Gemma 3's configs leave it out): logits = c·tanh(logits / c)
+    dirs["gemma3-softcap"] = make_tiny("gemma3", root / "gemma3-softcap", tiny_tokenizer, final_logit_softcapping=2.0)
+    # rope scalings: Llama 3.1/3.2's, linear, and YaRN (Qwen2.5 / Qwen3 long context)
+    dirs["llama3-rope"] = make_tiny("llama", root / "llama3-rope", tiny_tokenizer, rope_theta=500_000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+    dirs["llama-linear"] = make_tiny("llama", root / "llama-linear", tiny_tokenizer,
+                                     rope_scaling={"rope_type": "linear", "factor": 4.0})
+    dirs["qwen3-yarn"] = make_tiny("qwen3", root / "qwen3-yarn", tiny_tokenizer, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
     return dirs
 
 
@@ -59,7 +69,8 @@ def _build(base, tmp_path, quant="fp32", **kw):
                  quiet=True, **kw)
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["qwen2-window"])
+@pytest.mark.parametrize("family", FAMILIES + ["qwen2-window", "gemma3-softcap", "llama3-rope", "llama-linear",
+                                                "qwen3-yarn"])
 def test_fp32_bundle_equals_transformers_at_every_position(family, family_dirs, tmp_path):
     import jishi
 
@@ -87,6 +98,10 @@ def test_gemma3_layers_keep_their_own_window_and_rope_base(family_dirs, tmp_path
     assert f["layer_windows"] == [8, None] and f["local_rope_theta"] == 10_000.0 and f["qk_norm"]
     assert f["norm_offset"] == 1.0 and f["activation"] == "gelu_tanh" and f["embedding_scale"] == 8.0
     assert f["attention_scale"] == pytest.approx(24 ** -0.5)
+    from jishi.runtime.describe import architecture  # what `jishi info` shows
+
+    assert architecture(cfg) == ("gemma3_text, RMSNorm (1 + w), sandwich norms, QK-norm, GeGLU, sliding window 8 on 1 "
+                                 "of 2 layers, rope base 10000, embeddings x8, tied head")
     import onnx
 
     graph = onnx.load(str(model.bundle.path("model.onnx")), load_external_data=False).graph
@@ -108,6 +123,22 @@ def test_phi3_longrope_beyond_the_original_positions(family_dirs, tmp_path):
         ref = ref_model(torch.tensor([ids])).logits[0].numpy()
     got = model.engine.feed(ids, all_logits=True)
     assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max()
+
+    # Decoding across the original 128 positions: short factors before, long ones after, the cached
+    # keys keeping the rotation they were given; transformers with its cache does the same.
+    with torch.no_grad():
+        out = ref_model(torch.tensor([ids[:100]]), use_cache=True)
+        cache, want = out.past_key_values, [out.logits[0, -1].numpy()]
+        for t in ids[100:160]:
+            out = ref_model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            want.append(out.logits[0, -1].numpy())
+    engine = model.engine
+    engine.reset()
+    got = [engine.feed(ids[:100])] + [engine.step(t).copy() for t in ids[100:160]]
+    got, want = np.stack(got).reshape(61, -1), np.stack(want)
+    assert np.abs(got - want).max() <= RTOL * np.abs(want).max()
+    assert np.abs(want[:28] - ref[99:127]).max() > 100 * RTOL * np.abs(ref).max()  # short factors differ
 
 
 def _graph_engine(cfg, model, recipe, tmp_path):
@@ -198,3 +229,29 @@ def test_config_that_contradicts_itself_is_refused():
         model_config(gemma, 64)
     with pytest.raises(BaseModelError, match="context 1024 is longer than the model's 512 positions"):
         model_config(transformers.Qwen3Config(max_position_embeddings=512, **small), 1024)
+
+
+def test_phi3_calibrated_int4_takes_gptq_codes_for_its_fused_projections(family_dirs):
+    """GPTQ runs on qkv_proj / gate_up_proj (one Hessian each) and hands the graph codes under the
+    split names: the graph's fused q/k/v weight holds exactly those codes, not round-to-nearest ones."""
+    from onnx import numpy_helper
+
+    from jishi.export.from_torch import model_config, numpy_weights, rope_tables
+    from jishi.export.gptq import gptq_model
+    from jishi.export.graph import QuantRecipe, build_decoder
+    from jishi.export.quant import concat_outputs, quantize_asymmetric
+
+    model = _torch_model(family_dirs["phi3"])
+    cfg = model_config(model.config, CONTEXT)
+    batches = [torch.tensor([_ids(cfg.vocab_size, 64, seed=s)]) for s in range(4)]
+    codes = gptq_model(model, batches, 4, 32)
+    assert sorted(k.split(".")[4] for k in codes if ".layers.0." in k) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    weights = numpy_weights(model, cfg)
+    graph = build_decoder(cfg, weights, None, QuantRecipe("int4", method="gptq"), rope=rope_tables(model, cfg),
+                          prequantized=codes)
+    stored = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}["layer0.attn.qkv.qweight"]
+    names = [f"model.layers.0.self_attn.{t}_proj.weight" for t in "qkv"]
+    assert np.array_equal(stored, concat_outputs([codes[n] for n in names]).packed)
+    rtn = concat_outputs([quantize_asymmetric(weights[n], 4, 32, correct=True) for n in names]).packed
+    assert not np.array_equal(stored, rtn)

@@ -35,8 +35,9 @@ ALLOWED = {
                      ("jishi.errors", "jishi.runtime", "jishi.devices", "jishi.distill.base", "jishi.heldout",
                       "jishi.families")),
     # the runtime's tokenizer (training sees the served prompt), its manifest schema and its atomic swap
+    # tokenizers: a GGUF's vocabulary assembled into the bundle's tokenizer (it is a runtime dependency anyway)
     "jishi.distill": (("numpy", "torch", "transformers", "peft", "accelerate", "gguf", "safetensors", "sentencepiece",
-                       "tqdm"),
+                       "tokenizers", "tqdm"),
                       ("jishi.errors", "jishi.heldout", "jishi.runtime.tokenizer", "jishi.runtime.manifest",
                        "jishi.runtime.store", "jishi.devices", "jishi.families")),
 }

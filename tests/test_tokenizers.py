@@ -93,14 +93,27 @@ def runtime_tokenizer(path: Path):
     return Tokenizer(None, info, json_text=_plain_tokenizer_json(tok))
 
 
-def test_gguf_sentencepiece_tokenizer_equals_sentencepiece(spm_model, tmp_path):
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("JISHI_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_gguf_sentencepiece_tokenizer_equals_sentencepiece(spm_model, tmp_path, own_cache):
     ref = spm.SentencePieceProcessor(model_file=str(spm_model))
-    ours = runtime_tokenizer(write_spm_gguf(spm_model, tmp_path / "tiny.gguf"))
+    gguf_file = write_spm_gguf(spm_model, tmp_path / "tiny.gguf")
+    ours = runtime_tokenizer(gguf_file)
     assert len(LINES) >= 25
     for line in LINES:
         expected = ref.encode(line)
         assert ours.encode(line) == [2] + expected, line  # BOS (id 2) first, as the GGUF asks
         assert ours.decode(ours.encode(line)) == ref.decode(expected) == line
+    # the conversion is kept by the file's sha256 and read back the same the next time
+    cached = list((own_cache / "tokenizers").glob("*.json"))
+    assert len(cached) == 1
+    again = runtime_tokenizer(gguf_file)
+    assert list((own_cache / "tokenizers").glob("*")) == cached
+    assert all(again.encode(line) == ours.encode(line) for line in LINES)
     # byte fallback was exercised: the CJK line is bytes only in this English-trained model
     assert any(ref.id_to_piece(i).startswith("<0x") for i in ref.encode(LINES[17]))
 
@@ -155,4 +168,56 @@ def test_real_gemma3_tokenizer_equals_a_sentencepiece_model_rebuilt_from_its_voc
     ours = runtime_tokenizer(Path(GEMMA))
     for line in LINES:
         assert ours.encode(line) == [2] + ref.encode(line), line
+        assert ours.decode(ours.encode(line)) == line
+
+
+def test_llama3_gguf_tokenizer_splits_as_llama3(tmp_path):
+    """A byte-level BPE GGUF with Llama 3's pre-tokenizer name: the reference is a tokenizer assembled the
+    way transformers assembles Llama 3's from its tiktoken file (its split pattern, whole-word vocabulary
+    hits), over a vocabulary trained here with that split."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from jishi.heldout import HELDOUT_CHARS, _topics_text
+
+    pattern = TikTokenConverter(vocab_file=None).pattern
+    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = split
+    # numbers and upper-case contractions, where Llama 3's split differs from GPT-2's
+    text = (_topics_text()[HELDOUT_CHARS:HELDOUT_CHARS + 100_000] + " ".join(str(n) for n in range(900, 2100))
+            + " I'M SURE YOU'LL SEE WE'VE DONE IT." * 200)
+    trainer_tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    body = __import__("json").loads(trainer_tok.to_str())
+    vocab, merges = body["model"]["vocab"], [m if isinstance(m, str) else " ".join(m) for m in body["model"]["merges"]]
+    ref = Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges], fuse_unk=False, ignore_merges=True))
+    ref.pre_tokenizer = split
+    ref.decoder = decoders.ByteLevel()
+
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    w = gguf.GGUFWriter(str(tmp_path / "llama3.gguf"), "llama")
+    for add in (lambda: w.add_context_length(512), lambda: w.add_embedding_length(64), lambda: w.add_block_count(1),
+                lambda: w.add_feed_forward_length(96), lambda: w.add_head_count(4), lambda: w.add_head_count_kv(1),
+                lambda: w.add_layer_norm_rms_eps(1e-5), lambda: w.add_rope_dimension_count(16)):
+        add()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types([int(gguf.TokenType.CONTROL if t.startswith("<|") else gguf.TokenType.NORMAL) for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab["<|begin_of_text|>"])
+    w.add_eos_token_id(vocab["<|end_of_text|>"])
+    w.add_add_bos_token(True)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    ours = runtime_tokenizer(tmp_path / "llama3.gguf")
+    for line in LINES + ["1234567 and 12,345,678", "I'M SURE YOU'LL", "x = 99999;"]:
+        assert ours.encode(line) == [vocab["<|begin_of_text|>"]] + ref.encode(line).ids, line
         assert ours.decode(ours.encode(line)) == line

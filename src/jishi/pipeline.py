@@ -311,10 +311,14 @@ def merged_base(base, name: str, adapter_dir: str | Path):
     from jishi.export.from_torch import model_config
     from jishi.runtime.adapters import check_params
 
-    params, config = read_peft(adapter_dir)
+    from jishi.families import source_projections
+
+    cfg = model_config(base.model.config, 16)
+    params, config = read_peft(adapter_dir, cfg)
     trained_on = check_base(adapter_dir, config, {"base": base.name, "base_source": Path(base.source).name,
                                                   "base_sha256": base.source_sha256})
-    rank, targets = check_params(name, params, model_config(base.model.config, 16))
+    rank, targets = check_params(name, params, cfg)
+    where = source_projections(cfg)
     model = copy.deepcopy(base.model)
     weights = dict(model.named_parameters())
     with torch.no_grad():
@@ -322,9 +326,10 @@ def merged_base(base, name: str, adapter_dir: str | Path):
             if not key.endswith(".lora_A"):
                 continue
             _, layer, target, _ = key.split(".")
-            where = "self_attn" if target in ("q", "k", "v", "o") else "mlp"
+            part = "self_attn" if target in ("q", "k", "v", "o") else "mlp"
+            module, start, stop = where[target]
             delta = a @ params[key[:-1] + "B"]  # (in, out)
-            weights[f"model.layers.{layer}.{where}.{target}_proj.weight"] += torch.from_numpy(delta.T.copy())
+            weights[f"model.layers.{layer}.{part}.{module}.weight"][start:stop] += torch.from_numpy(delta.T.copy())
     record = {"name": name, "source": Path(adapter_dir).name, "rank": rank, "targets": list(targets),
               "alpha": config.get("lora_alpha"), "base_sha256": trained_on or base.source_sha256}
     return replace(base, model=model, reference_stats={}), record

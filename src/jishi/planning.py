@@ -18,10 +18,11 @@ def model_shape(spec: str):
     path = Path(spec)
     if (path / "config.json").is_file():
         c = json.loads((path / "config.json").read_text())
+        c = c.get("text_config") or c  # a multimodal config holds its decoder's (the build refuses it, saying why)
         heads = c["num_attention_heads"]
         return ModelShape(path.name, c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
                           c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads,
-                          c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
+                          c["vocab_size"], bool(c.get("tie_word_embeddings", True)))  # transformers omits its default, True
     if path.suffix == ".gguf" or (not path.exists() and spec.lower() in known_bases()):
         from jishi.distill.base import load_config_only
 

@@ -25,8 +25,26 @@ def register(sub) -> None:
         r.add_argument("--repetition-penalty", type=float, default=1.1)
         r.add_argument("--seed", type=int)
         r.add_argument("--adapter", help="use this adapter of the bundle (see `jishi adapter list`)")
+        r.add_argument("--template-var", action="append", default=[], metavar="NAME=VALUE",
+                       help="a variable for the chat template, e.g. enable_thinking=false for Qwen3 (repeatable; "
+                            "VALUE is read as JSON where it is JSON, else as text)")
         add_load_options(r)
         r.set_defaults(func=run if name == "run" else chat)
+
+
+def template_vars(args) -> dict:
+    import json
+
+    out = {}
+    for item in args.template_var:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise JishiError(f"--template-var {item!r}: write NAME=VALUE, e.g. enable_thinking=false")
+        try:
+            out[name] = json.loads(value)
+        except ValueError:
+            out[name] = value
+    return out
 
 
 def sampling(args) -> dict:
@@ -47,7 +65,7 @@ def run(args) -> int:
     if args.raw or not model.manifest.tokenizer.chat_template:
         stream = model.stream(prompt, **sampling(args))
     else:
-        stream = model.chat_stream([{"role": "user", "content": prompt}], **sampling(args))
+        stream = model.chat_stream([{"role": "user", "content": prompt}], template_vars(args), **sampling(args))
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -64,7 +82,7 @@ def chat(args) -> int:
         from jishi.runtime.tokenizer import NO_TEMPLATE
 
         raise JishiError(NO_TEMPLATE)
-    convo = Conversation(model, system=args.system, reserve=args.max_tokens)
+    convo = Conversation(model, system=args.system, reserve=args.max_tokens, template_vars=template_vars(args))
     print(f"{model.name} ({model.manifest.graph.quantization['name']}, context {model.context}). "
           "Ctrl-C stops a reply, Ctrl-D or /exit leaves, /reset starts over.", file=sys.stderr)
     while True:

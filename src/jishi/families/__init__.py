@@ -66,7 +66,8 @@ def model_config(hf_config, context: int | None = None) -> ModelConfig:
         raise BaseModelError(f"context {context} is longer than the model's {max_pos} positions; pass a smaller context")
     feats = family.features(hf_config, head_dim)
     windows = tuple(w if w is not None and w < context else None for w in layer_windows(hf_config))
-    feats = _replace(feats, layer_windows=windows)
+    feats = _replace(feats, layer_windows=windows,
+                     rope_long_after=feats.rope_long_after if feats.rope_long_after < context else 0)
     _check_features(feats, head_dim)
     uniform = {w for w in windows}
     return ModelConfig(
@@ -144,3 +145,35 @@ def _replace(f: Features, **kw) -> Features:
     from dataclasses import replace
 
     return replace(f, **kw)
+
+
+def source_projections(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """Each LoRA target (q, k, v, o, gate, up, down) → (its module's name in the source checkpoint,
+    the first and past-the-last output row of the target in that module's weight).
+
+    Split projections are whole modules; fused ones (Phi-3's ``qkv_proj``, ``gate_up_proj``)
+    hold several targets, one after another."""
+    feats = features_of(cfg)
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    out = {"o": ("o_proj", 0, cfg.hidden_size), "down": ("down_proj", 0, cfg.hidden_size)}
+    if feats.fused_qkv:
+        out.update(q=("qkv_proj", 0, q), k=("qkv_proj", q, q + kv), v=("qkv_proj", q + kv, q + 2 * kv))
+    else:
+        out.update(q=("q_proj", 0, q), k=("k_proj", 0, kv), v=("v_proj", 0, kv))
+    if feats.fused_gate_up:
+        out.update(gate=("gate_up_proj", 0, inter), up=("gate_up_proj", inter, 2 * inter))
+    else:
+        out.update(gate=("gate_proj", 0, inter), up=("up_proj", 0, inter))
+    return out
+
+
+def peft_modules(cfg: ModelConfig, targets) -> list[str]:
+    """The source modules PEFT adapts for these targets; a fused module needs all of its targets."""
+    where = source_projections(cfg)
+    modules = list(dict.fromkeys(where[t][0] for t in targets))
+    for module in modules:
+        members = [t for t, (m, _, _) in where.items() if m == module]
+        if len(members) > 1 and not set(members) <= set(targets):
+            raise BaseModelError(f"this {cfg.family} model stores {', '.join(members)} as one projection ({module}): "
+                                 f"adapt all of them or none")
+    return modules

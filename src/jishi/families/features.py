@@ -33,6 +33,8 @@ class Features:
     # Per layer: its sliding window in tokens (attends to that many, itself included) or None.
     layer_windows: tuple = ()
     local_rope_theta: float = 0.0  # layers with a window use this rope base (Gemma 3); 0: the model's
+    # longrope (Phi-3/4): short factors while the sequence is at most this long, long ones after; 0: one table
+    rope_long_after: int = 0
     attn_logit_softcap: float = 0.0
     final_logit_softcap: float = 0.0
 

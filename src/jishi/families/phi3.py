@@ -20,4 +20,7 @@ def qkv_bias(hf_config) -> bool:
 def features(hf_config, head_dim: int) -> Features:
     factor = float(getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0)
     rotary = int(head_dim * factor)
-    return Features(fused_qkv=True, fused_gate_up=True, rotary_dim=0 if rotary == head_dim else rotary)
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    longrope = scaling.get("rope_type", scaling.get("type")) == "longrope"
+    return Features(fused_qkv=True, fused_gate_up=True, rotary_dim=0 if rotary == head_dim else rotary,
+                    rope_long_after=int(hf_config.original_max_position_embeddings) if longrope else 0)
