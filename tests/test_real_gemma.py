@@ -64,7 +64,7 @@ def transformers_model(base):
 
 def test_fp32_greedy_continuations_equal_transformers(transformers_model, bundles):
     import jishi
-    from tests.test_export import compare_greedy
+    from margins import assert_greedy_agrees
 
     reference = transformers_model
     model = jishi.load(bundles["fp32"])
@@ -84,7 +84,7 @@ def test_fp32_greedy_continuations_equal_transformers(transformers_model, bundle
             got_logits.append(engine.step(t).copy())
         got_logits = np.stack(got_logits)
         np.testing.assert_allclose(got_logits, ref, atol=ATOL * max(1.0, float(np.abs(ref).max()) / 10), rtol=0)
-        compare_greedy([int(np.argmax(l)) for l in got_logits], expected, margins, tol=ATOL)
+        assert_greedy_agrees([int(np.argmax(l)) for l in got_logits], expected, margins, ATOL)
 
 
 def test_default_bundle_keeps_the_grids_within_1pct_of_pytorch_and_1_2x_the_file(bundles):
