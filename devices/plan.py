@@ -115,3 +115,31 @@ def plan(model: ModelShape, profile: Profile, context: int = 2048) -> tuple[list
     why = (f"{best.quant}: fits with {(profile.ram_gb * 2**30 * FREE_FOR_OS - best.memory_bytes) / 2**30:.2f} GiB to spare "
            f"and is the fastest that fits (~{best.tokens_per_s:.0f} tok/s estimated)")
     return rows, best, why
+
+
+# --- memory a build needs (jishi build on this machine) ---------------------------------
+# Measured on SmolLM2-135M and Gemma 3 270M (see docs/models.md): Python with torch, transformers and
+# onnx imported, and the base's tokenizer (about 4 KB per vocabulary entry while it is converted). A GGUF
+# is read one tensor at a time (distill/gguf_load.py): the float32 weights plus a few copies of the largest
+# tensor. While the graph is written the float32 model and the bundle's bytes are held (each ready tensor
+# leaves numpy as the graph takes it). For a GGUF base the float model is measured on the held-out text
+# and let go before onnxruntime opens the bundle (its weights plus a prepacked copy, a window's logits).
+# A Hugging Face directory loads through transformers (about twice the float32 weights at the peak) and
+# its float model stays for the measurement.
+BUILD_IMPORTS = 600 * 2**20
+BUILD_BYTES_PER_TOKEN = 4096
+BUILD_WINDOW = 512
+
+
+def build_memory(model: ModelShape, quant: str, gguf: bool = True, evaluate: bool = True) -> int:
+    """Peak memory (bytes) that building ``model`` at ``quant`` takes (``gguf``: from a GGUF file)."""
+    q = "int8" if quant == "gguf" else quant  # a GGUF's own grids cost at most int8's bytes
+    params = model.linear_params + model.embedding_params * (1 if model.tied else 2)
+    fp32 = 4 * params
+    bundle = int(model.linear_params * _LINEAR[q] + model.embedding_params * _HEAD[q] * (1 if model.tied else 2))
+    largest = 4 * max(model.embedding_params, model.hidden * model.intermediate)
+    logits = BUILD_WINDOW * model.vocab * 4 * 2
+    load = fp32 + 3 * largest if gguf else 2 * fp32
+    write = fp32 + bundle + largest
+    measure = (2 * bundle + logits + (0 if gguf else fp32)) if evaluate else 0
+    return int(BUILD_IMPORTS + model.vocab * BUILD_BYTES_PER_TOKEN + max(load, write, measure))

@@ -262,8 +262,15 @@ def load_base(spec: str | os.PathLike | None = None) -> LoadedBase:
     except BaseModelError as e:
         raise BaseModelError(f"{path}: {e}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, torch_dtype=torch.float32, **kw)
+        if path.is_file():
+            from jishi.distill.gguf_load import load_gguf_model
+
+            model = load_gguf_model(path, config)  # one tensor at a time: the float32 weights and no copy
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, torch_dtype=torch.float32, **kw)
         tokenizer = load_tokenizer(path)
+    except BaseModelError:
+        raise
     except Exception as e:
         raise BaseModelError(f"cannot load the model in {path}: {e}") from None
     model.eval()

@@ -47,15 +47,15 @@ def open_reader(path: Path):
         reader = GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, KeyError, struct errors for a damaged file
         raise BaseModelError(
-            f"{path} is truncated or damaged (gguf's reader: {type(e).__name__}: {e}); download it again (and "
-            "check its sha256) or convert it again") from None
+            f"{path} is not a readable GGUF file (truncated or damaged; gguf's reader: {type(e).__name__}: {e}): "
+            "fetch or convert it again (and check its sha256)") from None
     size = path.stat().st_size
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size or t.data.nbytes != int(t.n_bytes):
             raise BaseModelError(
-                f"{path} is truncated: tensor {t.name} ends at byte {end:,} but the file has {size:,} bytes; "
-                "download it again (and check its sha256)")
+                f"{path} is not a readable GGUF file (truncated: tensor {t.name} ends at byte {end:,} but the file "
+                f"has {size:,} bytes): fetch or convert it again (and check its sha256)")
     return reader
 
 

@@ -118,7 +118,8 @@ class _Linear:
         w = np.concatenate(weights, axis=0) if len(weights) > 1 else weights[0]
         n, k = w.shape
         if r.name == "gguf":
-            y, side = self._from_grids(x, [self.prequantized[key] for key in keys], name)
+            # taken out as the graph takes them: the proto holds their bytes now (a large base's peak memory)
+            y, side = self._from_grids(x, [self.prequantized.pop(key) for key in keys], name)
         elif r.name in ("fp32", "fp16"):
             wt = np.ascontiguousarray(w.T)
             if r.name == "fp16":

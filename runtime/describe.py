@@ -39,7 +39,7 @@ def describe(bundle) -> str:
         ("base", f"{m.provenance.get('base')} ({m.provenance.get('base_source')}, sha256 "
                  f"{(m.provenance.get('base_sha256') or '-')[:12]})"),
         ("licence", m.provenance.get("base_license") or "not recorded (see the base model's own terms)"),
-        ("chat template", "yes" + (" (given at build)" if m.provenance.get("chat_template") else "")
+        ("template", "yes" + (" (given at build)" if m.provenance.get("chat_template") else "")
          if m.tokenizer.chat_template else "none: a pretrained base; send plain prompts or give one with --chat-template FILE"),
         ("signed", "yes" if bundle.signed else "no"),
         ("merge points", (f"{', '.join(m.merge_points['targets'])}, any rank"

@@ -195,3 +195,51 @@ def test_an_adapter_on_the_gguf_grids_equals_peft_on_the_dequantized_model(loade
     m.use_adapter("alpha")
     np.testing.assert_allclose(m.engine.feed(ids, all_logits=True), adapted, atol=1e-4 * scale, rtol=0)
     assert np.abs(adapted - plain).max() > 100 * 1e-4 * scale  # the adapter does change the output
+
+
+def test_the_gguf_is_read_into_torch_as_transformers_reads_it(tiny_gguf, loaded):
+    """jishi reads a GGUF one tensor at a time; the model equals transformers' own reading exactly."""
+    import transformers
+
+    path = tiny_gguf[0]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  torch_dtype=torch.float32).eval()
+    ours, theirs = loaded.model.state_dict(), reference.state_dict()
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+# fp16 fields of each type (byte offset in its block): given finite values, the other bytes may be anything.
+HALF_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
+               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}
+
+
+@pytest.mark.parametrize("kind", sorted(HALF_FIELDS) + ["F16", "BF16", "F32"])
+def test_every_registered_type_equals_ggufs_dequantize_on_random_blocks(kind):
+    """Random bytes are valid blocks of every type (scales made finite): the registry's effective weights
+    equal gguf's own dequantize, and each type is in the form the registry says."""
+    from jishi.export.gguf_formats import FORMATS, to_weight
+
+    fmt = FORMATS[kind]
+    rng = np.random.default_rng(abs(hash(kind)) % 2**32)
+    n, k = 6, 512
+    nb = k // fmt.block_values
+    if fmt.bits is None:
+        values = rng.normal(0, 0.05, (n, k)).astype(np.float32)
+        raw = {"F32": values, "F16": values.astype(np.float16),
+               "BF16": (values.view(np.uint32) >> 16).astype(np.uint16)}[kind].view(np.uint8).reshape(n, -1)
+    else:
+        raw = rng.integers(0, 256, (n, nb, fmt.block_bytes), dtype=np.uint8)
+        for at in HALF_FIELDS[kind]:
+            raw[..., at:at + 2] = rng.uniform(-0.02, 0.02, (n, nb)).astype(np.float16)[..., None].view(np.uint8)
+        raw = raw.reshape(n, -1)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]).reshape(n, k)
+    w = to_weight(kind, raw, n, k)
+    if fmt.bits is None:
+        np.testing.assert_array_equal(w.astype(np.float32), expected)
+        return
+    import re
+
+    assert (w.bits, w.block) == (fmt.bits, int(re.search(r"block (\d+)", fmt.form).group(1)))
+    np.testing.assert_allclose(w.dequantize(), expected, rtol=0, atol=1e-6 * max(1.0, float(np.abs(expected).max())))

@@ -26,7 +26,7 @@ def test_a_truncated_file_is_refused_with_its_name(tiny_gguf, tmp_path):
     cut = tmp_path / "cut.gguf"
     data = tiny_gguf.read_bytes()
     cut.write_bytes(data[: len(data) - 5000])
-    with pytest.raises(BaseModelError, match=rf"{cut.name} is truncated or damaged.*download it again"):
+    with pytest.raises(BaseModelError, match=rf"{cut.name} is not a readable GGUF file \(truncated.*fetch or convert it again"):
         load_base(str(cut))
 
 
@@ -70,7 +70,7 @@ def test_the_licence_is_recorded_and_shown(bundle):
     assert b.manifest.provenance["base_license"] == "Test-Licence-1.0"
     text = describe(b)
     assert "licence             Test-Licence-1.0" in text
-    assert "chat template       none: a pretrained base" in text
+    assert "template            none: a pretrained base" in text
 
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
@@ -101,3 +101,21 @@ def test_a_template_given_at_build_is_stored_and_a_broken_one_refused(tiny_gguf,
     with pytest.raises(JishiError, match="the chat template given does not parse"):
         build(str(tiny_gguf), None, tmp_path / "u", context=64, evaluate=False, quiet=True,
               chat_template="{% for m in messages %}")
+
+
+def test_cli_builds_a_gguf_on_its_grids_and_info_shows_formats_and_licence(tiny_gguf, tmp_path):
+    from tests.test_cli import jishi
+
+    out = tmp_path / "cli-gguf"
+    done = jishi("build", "--base", str(tiny_gguf), "--context", "64", "--no-eval", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    info = jishi("info", str(out))
+    assert info.returncode == 0, info.stderr
+    for expected in ("name=gguf", "tensor formats", "  self_attn.v_proj  Q6_K x1, Q5_K x1",
+                     "  Q6_K" + " " * 14 + "kept as int8 block 16", "licence             Test-Licence-1.0",
+                     "template            none: a pretrained base"):
+        assert expected in info.stdout, expected
+    chat = jishi("chat", str(out), input="hi\n")
+    assert chat.returncode != 0 and "no chat template" in chat.stderr and "--chat-template FILE" in chat.stderr
+    bad = jishi("build", "--base", str(tiny_gguf), "--quant", "gguf", "--head", "int4", "-o", str(tmp_path / "x"))
+    assert bad.returncode != 0 and "--head int4 applies to int4 and int8 bundles (asked for gguf)" in bad.stderr

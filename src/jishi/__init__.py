@@ -1,7 +1,7 @@
 """jishi: a small language model, shrunk, exported to ONNX and run offline.
 
     import jishi
-    m = jishi.load("bundles/smollm2-135m-instruct-int4")
+    m = jishi.load("bundles/smollm2-135m-instruct-gguf")
     print(m.chat([{"role": "user", "content": "What is the capital of France?"}]))
 
 Importing jishi loads neither torch nor onnxruntime; ``load`` brings in the runtime.

@@ -37,6 +37,7 @@ def build(
     teacher=None,
     head_bits: int = 8,
     chat_template: str | None = None,
+    check_memory: bool = True,
 ) -> Path:
     """Build a bundle from a base model; returns its directory.
 
@@ -48,7 +49,8 @@ def build(
     calibration text (the part of pydoc_data.topics after the held-out text) instead of
     rounding to nearest; ``block`` is the int4/int8 block size; ``head_bits`` (8 or 4) the
     embedding table's and LM head's. ``chat_template`` (Jinja text) is stored in the bundle in place of the
-    base's own (a pretrained base such as Gemma 3 270M has none). ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
+    base's own (a pretrained base such as Gemma 3 270M has none). ``check_memory`` refuses, before
+    loading anything, a build that needs more memory than this machine has available (DeviceFitError). ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
     the weights before quantization: a bundle for one task, with no merge points; its
     evaluation compares int4 and int8 of the merged weights and recommends one.
 
@@ -80,9 +82,12 @@ def build(
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
 
     t0 = time.time()
+    owned = not isinstance(base, LoadedBase)  # loaded here: its torch model may be let go once measured
     if isinstance(base, LoadedBase):
         base_model = base
     else:
+        if check_memory:
+            check_build_memory(base, quant, evaluate)
         say("Loading the base model…")
         base_model = load_base(base)
     merged = None
@@ -100,8 +105,6 @@ def build(
                          "use --quant int4 (or int8, fp16, fp32)")
     if quant == "gguf" and merged is not None:
         raise JishiError("a merged adapter moves the weights off the GGUF's grids: build it with --quant int4 or int8")
-    if quant == "gguf" and head_bits != 8:
-        raise JishiError("--head applies to int4 and int8 bundles; --quant gguf keeps the file's own embedding grid")
     tokenizer_info = base_model.tokenizer_info()
     if chat_template is not None:
         tokenizer_info = _with_template(base_model, tokenizer_info, chat_template)
@@ -144,6 +147,14 @@ def build(
     with tqdm(total=cfg.num_layers, desc=f"Writing the {quant} graph", unit="layer", disable=quiet, file=sys.stderr) as bar:
         graph = build_decoder(cfg, weights, None, recipe, progress=bar.update, prequantized=prequantized, rope=rope)
     del weights, prequantized
+    if grids is not None:
+        grids.weights.clear()  # the graph holds them now
+    if owned and grids is not None and merged is None and _distill_record(base_model.source) is None:
+        # A GGUF base loaded here: measure the float model on the held-out text now, then let it go, so that
+        # it and onnxruntime's session of the bundle are never in memory together.
+        if evaluate:
+            _reference_first(base_model, context, quiet)
+        base_model.model = None
 
     check_target(target)
     staging = staging_dir(target)
@@ -205,6 +216,52 @@ def build(
         raise
     say(f"Wrote {target} in {time.time() - t0:.0f} s")
     return target
+
+
+def _reference_first(base, context: int, quiet: bool) -> None:
+    """The base's held-out figures, computed before the bundle exists (cached on ``base`` as
+    ``evaluate_bundle`` computes and looks them up: same tokenizer, same windows)."""
+    from tqdm import tqdm
+
+    from jishi.distill.evaluate import reference_stats
+
+    ids = base.runtime_tokenizer().encode(heldout_text(), bos=False)
+    wins = windows(ids, min(WINDOW, context))
+    key = (len(wins), len(wins[0])) if wins else None
+    if key and key not in base.reference_stats:
+        with tqdm(total=len(wins), desc="Held-out windows (float model)", disable=quiet, file=sys.stderr) as bar:
+            base.reference_stats[key] = reference_stats(base.model, wins, progress=bar.update)
+
+
+def check_build_memory(base, quant: str | None, evaluate: bool = True) -> int:
+    """The memory (bytes) building ``base`` takes, estimated from its config alone; a DeviceFitError when it
+    is more than this machine has available now."""
+    from jishi.devices.detect import detect
+    from jishi.devices.plan import build_memory
+    from jishi.distill.base import DEFAULT_BASE
+    from jishi.errors import DeviceFitError
+    from jishi.planning import model_shape
+
+    from jishi.distill.base import KNOWN_BASES
+
+    spec = str(base or DEFAULT_BASE)
+    if not Path(spec).expanduser().exists() and spec.lower() not in KNOWN_BASES:
+        return 0  # loading says what it is not
+    try:
+        shape = model_shape(spec)
+    except (KeyError, TypeError, ValueError):  # a config of another kind: loading it says what is wrong
+        return 0
+    gguf = not Path(spec).is_dir()
+    need = build_memory(shape, quant or ("gguf" if gguf else "int4"), gguf=gguf, evaluate=evaluate)
+    available = detect().available_bytes
+    if available and need > available:
+        params = shape.linear_params + shape.embedding_params * (1 if shape.tied else 2)
+        raise DeviceFitError(
+            f"building {shape.name} needs about {need / 2**30:.1f} GiB of memory (its {params / 1e9:.2f} B parameters "
+            f"are held in float32 while the bundle is written and measured) and {available / 2**30:.1f} GiB are "
+            "available now: close other programs, or build on a machine with more memory (the bundle itself runs in "
+            "far less), or pass --no-memory-check to try anyway")
+    return need
 
 
 def _with_template(base, info, text: str):

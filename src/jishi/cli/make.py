@@ -27,6 +27,8 @@ def register(sub) -> None:
     b.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template (Hugging Face style) stored in the bundle in place of the base's own; "
                         "a pretrained base such as gemma3-270m has none, so chat needs one")
+    b.add_argument("--no-memory-check", action="store_true",
+                   help="build even if the estimated memory the build needs is more than is available now")
     b.add_argument("--device", help="plan the build for this device profile (see `jishi devices`) or 'detect'")
     b.add_argument("-o", "--output", help="bundle directory (default ./bundles/<name>-<quant>)")
     b.add_argument("--name", help="model name in the manifest (default: from the base)")
@@ -177,7 +179,8 @@ def build(args) -> int:
     path = build_bundle(base, quant, args.output, args.name, args.context, evaluate=not args.no_eval,
                  merge_points=True if adapters else args.merge_points, merge=merge, calibrated=calibrated,
                  block=args.block, teacher=teacher, head_bits=int(args.head[3:]),
-                 chat_template=read_template(args.chat_template) if args.chat_template else None)
+                 chat_template=read_template(args.chat_template) if args.chat_template else None,
+                 check_memory=not args.no_memory_check)
     if adapters:
         from jishi.export.adapters import add_adapter
 
