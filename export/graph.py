@@ -346,7 +346,11 @@ def build_decoder(
         else:
             attn_in = [g.op("Reshape", [qkv, qkv_shape], name=f"layer{i}/attn/in"), "", ""]
         window = feats.layer_windows[i] if i < len(feats.layer_windows) else None
+        # A windowed layer keeps its own rope base even where the context is shorter than its window
+        # (then the window masks nothing and is left out).
         cos, sin = tables["local" if window and "local" in tables else "global"]
+        if window and window >= cfg.context_length:
+            window = None
         extra = {"softcap": feats.attn_logit_softcap} if feats.attn_logit_softcap else {}
         attn, _, _ = g.op(
             "GroupQueryAttention",

@@ -111,6 +111,28 @@ def test_gemma3_layers_keep_their_own_window_and_rope_base(family_dirs, tmp_path
     assert [n.input[7] for n in attn] == ["rope.local.cos", "rope.cos"]
 
 
+def test_gemma3_with_a_context_shorter_than_its_window_keeps_the_local_rope_base(tiny_tokenizer, tmp_path):
+    """Gemma 3 270M's window is 512: a bundle built with a shorter context masks nothing on its local
+    layers, but they still rotate with their own rope base (a graph that used the global one there was off
+    by 10 in a logit on the real model at context 256)."""
+    import jishi
+    from conftest import make_tiny
+
+    base = make_tiny("gemma3", tmp_path / "wide-window", tiny_tokenizer, sliding_window=96)
+    model = jishi.load(_build(base, tmp_path, context=64))
+    ids = _ids(model.manifest.config.vocab_size)
+    with torch.no_grad():
+        ref = _torch_model(base)(torch.tensor([ids])).logits[0].numpy()
+    got = _teacher_forced(model.engine, ids)
+    assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max()
+    import onnx
+
+    graph = onnx.load(str(model.bundle.path("model.onnx")), load_external_data=False).graph
+    attn = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert [next(a.i for a in n.attribute if a.name == "local_window_size") for n in attn] == [-1, -1]
+    assert [n.input[7] for n in attn] == ["rope.local.cos", "rope.cos"]
+
+
 def test_phi3_longrope_beyond_the_original_positions(family_dirs, tmp_path):
     """A context past original_max_position_embeddings takes the long factors, as transformers does
     for a sequence that long: the whole 200-token sequence matches."""

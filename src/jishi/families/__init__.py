@@ -65,7 +65,7 @@ def model_config(hf_config, context: int | None = None) -> ModelConfig:
     if context > max_pos:
         raise BaseModelError(f"context {context} is longer than the model's {max_pos} positions; pass a smaller context")
     feats = family.features(hf_config, head_dim)
-    windows = tuple(w if w is not None and w < context else None for w in layer_windows(hf_config))
+    windows = tuple(layer_windows(hf_config))  # as configured: a window past the context masks nothing (graph.py)
     feats = _replace(feats, layer_windows=windows,
                      rope_long_after=feats.rope_long_after if feats.rope_long_after < context else 0)
     _check_features(feats, head_dim)
