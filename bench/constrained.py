@@ -5,7 +5,7 @@ time spent in the grammar (computing the token mask, applying it to the logits, 
 the matcher) is timed around those calls alone, and divided by the tokens generated.
 Plain decode time per token comes from unconstrained answers of the same length.
 
-    python bench/constrained.py bundles/smollm2-135m-instruct-int4 [--repeats 3] [--out FILE]
+    python bench/constrained.py bundles/smollm2-135m-instruct-gguf [--repeats 3] [--out FILE]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Each question (written here, in other words than its passage) should find its ow
 similarity. Reported: top-1 and top-3 accuracy for the bundle's embeddings, for a
 word-overlap baseline (TF-IDF cosine over lower-cased words), and chance.
 
-    python bench/retrieval.py bundles/smollm2-135m-instruct-int4 [--out FILE]
+    python bench/retrieval.py bundles/smollm2-135m-instruct-gguf [--out FILE]
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ total length − 1), ``total_sequence_length`` (scalar int32), ``logits_index``
 context × head dim). Outputs: ``logits`` (n × vocab), ``hidden_states`` (the
 final-norm hidden state of every token row, for embeddings; a run fetches it only
 when asked) and ``present_key.{i}``/``present_value.{i}``.
+
+Why one module of ~580 lines: the builder writes the graph top to bottom in the order the model
+computes it (embedding, blocks, final norm, head), and its pieces (linear layers, norms, head) are
+used only here; split apart, a reader would follow one forward pass across several files.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Requests are checked and tokenized here, on the event loop; the scheduler thread
 does the model work and hands text back through ``loop.call_soon_threadsafe``.
 Answers are sent as JSON or as server-sent events. A response watches for the
 client leaving and cancels its job, which frees the slot.
+
+Why one module of ~520 lines: it is the request path from body to response (checks, prompt,
+plan, streaming), read in order; the dialects (OpenAI, Ollama), tools and the scheduler are
+modules of their own.
 """
 
 from __future__ import annotations
