@@ -149,6 +149,14 @@ class Engine:
         self._kv[:, :, :, :n] = other._kv[:, :, :, :n]
         self.tokens = list(other.tokens[:n])
 
+    def truncate(self, n: int) -> None:
+        """Keep only the first ``n`` cached tokens (speculative decoding drops a rejected draft this way).
+        The positions past ``n`` are overwritten by the next tokens fed; attention never reads them,
+        as each run's ``seqlens_k`` says how far the cache is valid."""
+        if not 0 <= n <= len(self.tokens):
+            raise ValueError(f"cannot keep {n} of {len(self.tokens)} cached tokens")
+        del self.tokens[n:]
+
     def reuse_prefix(self, ids: list[int]) -> int:
         """Keep the cached tokens that ``ids`` starts with (at least one token stays to feed)."""
         return keep_common_prefix(self.tokens, ids)

@@ -26,6 +26,7 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     logprobs: tuple | None = None  # generation.TokenLogprob per token, when asked for
+    speculation: dict | None = None  # speculative.SpeculationStats.as_dict(), when it ran
 
     def __str__(self) -> str:
         return self.text
@@ -111,10 +112,15 @@ def check_fits(bundle: Bundle, context: int) -> None:
 
 class Model:
     def __init__(self, bundle: Bundle, threads: int | None = None, context: int | None = None, force: bool = False,
-                 adapters: bool = False, chat_template: str | None = None):
+                 adapters: bool = False, chat_template: str | None = None, draft=None,
+                 speculation: str | None = None):
         """``adapters=True`` opens the graph with merge points straight away (a server that will
         switch adapters); otherwise it is opened the first time an adapter is used. ``chat_template``
-        (Jinja text) replaces the bundle's own, or gives one to a bundle that has none."""
+        (Jinja text) replaces the bundle's own, or gives one to a bundle that has none.
+
+        ``speculation`` is how decoding guesses ahead (runtime.speculative): ``"lookup"`` (the
+        default: n-grams of the text so far), ``"draft"`` (the default when ``draft`` is given: a
+        smaller bundle with the same tokenizer, a path, name or loaded Model) or ``"off"``."""
         m = bundle.manifest
         if chat_template is not None:
             if not isinstance(chat_template, str) or not chat_template.strip():
@@ -146,6 +152,13 @@ class Model:
         self._defaults: dict | None = None  # the merge points' default tensors, read once
         self._workspace: dict = {}  # the active adapter's merge-point inputs
         self.active_adapter: str | None = None
+        from jishi.runtime.speculative import Speculation
+
+        if draft is not None and not isinstance(draft, Model):
+            draft = load(draft, threads=threads, force=force)
+        self.speculation = Speculation(speculation or ("draft" if draft is not None else "lookup"), draft)
+        if draft is not None:
+            Speculation.check_draft(draft, self)
 
     def _open(self, graph_file: str) -> Engine:
         m = self.manifest
@@ -261,6 +274,7 @@ class Model:
         grammar: str | None = None,
         json_object: bool = False,
         logprobs: int | None = None,
+        speculation: str | None = None,
     ) -> Stream:
         """Text pieces as they are generated. ``chat=True`` marks a prompt rendered by the chat
         template, which writes its own special tokens (no BOS is added to it, as in transformers).
@@ -271,7 +285,9 @@ class Model:
         alternatives in ``Result.logprobs``. Temperature 0 is plain greedy: the repetition
         penalty, top-k, top-p and min-p apply only when sampling. A value left None is the
         model's default (``self.defaults``: jishi's own unless the bundle sets others), and so
-        are the stops and the answer length (256 tokens unless the bundle says)."""
+        are the stops and the answer length (256 tokens unless the bundle says). ``speculation``
+        ("lookup", "draft", "off") overrides the model's for this answer; it changes the speed,
+        not the tokens (``Result.speculation`` says what it did)."""
         try:
             bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
             params = replace(self.defaults.sampling(temperature=temperature, top_k=top_k, top_p=top_p,
@@ -302,7 +318,14 @@ class Model:
             raise JishiError("the prompt is empty")
         ids = self._fit_prompt(ids, max_new_tokens, truncate)
         self.use_adapter(adapter)
-        return Stream(self._generate(ids, max_new_tokens, params, normalize_stops(stop), seed, matcher, logprobs))
+        from jishi.runtime.speculative import Speculation
+
+        if speculation is not None and speculation not in Speculation.KINDS:
+            raise JishiError(f"unknown speculation {speculation!r}; choose one of {', '.join(Speculation.KINDS)}")
+        if speculation == "draft" and self.speculation.draft_model is None:
+            raise JishiError("speculation 'draft' needs a draft model: load(..., draft=BUNDLE) or --draft BUNDLE")
+        return Stream(self._generate(ids, max_new_tokens, params, normalize_stops(stop), seed, matcher, logprobs,
+                                     speculation))
 
     def chat(self, messages: list[dict], template_vars: dict | None = None, **kwargs) -> Result:
         """``template_vars`` go to the chat template as they are, e.g. ``{"enable_thinking": False}`` (Qwen3)."""
@@ -417,19 +440,67 @@ class Model:
         head = ids[:1] if self.tokenizer.bos_id is not None and ids[0] == self.tokenizer.bos_id else []
         return head + ids[len(ids) - keep + len(head):]
 
-    def _generate(self, ids, max_new_tokens, params, stops, seed, matcher=None, logprobs=None):
+    def _generate(self, ids, max_new_tokens, params, stops, seed, matcher=None, logprobs=None, speculation=None):
+        """The decode loop. With a drafter (runtime.speculative) a round checks its guesses in one
+        run: the Generation picks from each row exactly as it would step by step, and the cache is
+        cut back to the tokens kept before any text is yielded, so closing the stream between
+        pieces leaves it consistent."""
+        import time
+
+        from jishi.runtime.speculative import DraftLength, SpeculationStats
+
         gen = Generation(self.tokenizer, ids, min(max_new_tokens, self.context - len(ids)), params, stops, seed,
                          self.manifest.config.vocab_size, matcher=matcher, logprobs=logprobs)
         engine = self.engine
+        spec = self.speculation.but(speculation)
+        drafter = spec.drafter()
+        stats = SpeculationStats() if drafter is not None else None
+        length = DraftLength(spec.max_draft) if drafter is not None else None
+        if drafter is not None:
+            drafter.start(ids)
         logits = engine.feed(ids[engine.reuse_prefix(ids):])
+        pieces = [gen.push(logits)]
         while True:
-            piece = gen.push(logits)
-            if piece:
-                yield piece
+            yield from (p for p in pieces if p)
             if gen.done:
                 return Result(gen.text, gen.finish_reason, len(ids), gen.completion_tokens,
-                              tuple(gen.logprobs) if logprobs is not None else None)
-            logits = engine.step(gen.token)
+                              tuple(gen.logprobs) if logprobs is not None else None,
+                              stats.as_dict() if stats is not None else None)
+            token = gen.token  # chosen, not yet fed
+            guess = []
+            if drafter is not None:
+                drafter.extend((token,))
+                # the draft fits the answer's budget after this token, and the context after the chunk
+                room = min(gen.budget - gen.completion_tokens - 1, self.context - len(engine.tokens) - 2)
+                # a lookup guesses for free, as far as it can; a draft model writes only what will be checked
+                guess = drafter.propose(room if drafter.free else min(room, max(1, length(room)))) if room > 0 else []
+            draft = guess[:length(len(guess))] if guess else []
+            if not draft:
+                start = time.perf_counter()
+                logits = engine.step(token)
+                pieces = [gen.push(logits)]
+                if stats is not None:
+                    length.timed(1, time.perf_counter() - start)
+                    stats.steps += 1
+                    if guess:  # an unchecked guess still tells how good the guesses are
+                        length.observe(int(gen.token == guess[0]), 1)
+                continue
+            start = time.perf_counter()
+            rows = engine.feed([token, *draft], all_logits=True)  # row j: the logits after draft[j - 1]
+            length.timed(len(draft) + 1, time.perf_counter() - start)
+            kept = len(engine.tokens) - len(draft)  # the cache with ``token`` and no guess
+            pieces = []
+            for j in range(len(draft) + 1):
+                pieces.append(gen.push(rows[j]))
+                if gen.done or j == len(draft) or gen.token != draft[j]:
+                    break
+                drafter.extend((draft[j],))
+            engine.truncate(kept + j)  # ``token`` and the j guesses kept; gen.token is the next to feed
+            stats.verify_runs += 1
+            stats.drafted += len(draft)
+            stats.accepted += j
+            if not gen.done:
+                length.observe(j, len(draft))
 
 
 def pick_constraint(schema=None, regex=None, grammar=None, json_object=False):
@@ -450,6 +521,6 @@ def pick_constraint(schema=None, regex=None, grammar=None, json_object=False):
 
 
 def load(bundle, threads: int | None = None, context: int | None = None, force: bool = False,
-         adapters: bool = False, chat_template: str | None = None) -> Model:
+         adapters: bool = False, chat_template: str | None = None, draft=None, speculation: str | None = None) -> Model:
     return Model(open_bundle(resolve_bundle(bundle)), threads=threads, context=context, force=force, adapters=adapters,
-                 chat_template=chat_template)
+                 chat_template=chat_template, draft=draft, speculation=speculation)
