@@ -45,7 +45,8 @@ def load_model(args):
     template = None
     if getattr(args, "chat_template", None):
         template = read_template(args.chat_template)
-    model = jishi.load(args.bundle, threads=args.threads, context=args.context, force=args.force, chat_template=template)
+    model = jishi.load(args.bundle, threads=args.threads, context=args.context, force=args.force, chat_template=template,
+                       draft=getattr(args, "draft", None), speculation=getattr(args, "speculation", None))
     if getattr(args, "verbose", False):
         print(settings_text(model.settings, model.engine.session.get_providers()), file=sys.stderr)
     return model

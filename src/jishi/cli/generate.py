@@ -38,6 +38,11 @@ def register(sub) -> None:
         r.add_argument("--template-var", action="append", default=[], metavar="NAME=VALUE",
                        help="a variable for the chat template, e.g. enable_thinking=false for Qwen3 (repeatable; "
                             "VALUE is read as JSON where it is JSON, else as text)")
+        r.add_argument("--speculation", choices=("lookup", "draft", "off"),
+                       help="guess tokens ahead and check them in one run (same tokens, faster): lookup (default) "
+                            "guesses from the text so far, draft from --draft; off decodes a token a run")
+        r.add_argument("--draft", metavar="BUNDLE",
+                       help="a smaller bundle with the same tokenizer (e.g. a distilled student) that writes the guesses")
         add_load_options(r)
         r.set_defaults(func=run if name == "run" else chat)
 
@@ -103,6 +108,11 @@ def run(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.verbose and stream.result.speculation:
+        s = stream.result.speculation
+        print(f"speculation: {s['accepted']} of {s['drafted']} guessed tokens kept ({s['acceptance']:.0%}); "
+              f"{s['verify_runs']} checking runs and {s['steps']} single steps for {stream.result.completion_tokens} tokens",
+              file=sys.stderr)
     return 0
 
 
