@@ -28,9 +28,7 @@ class Tokenizer:
         except Exception as e:
             raise BundleError(f"cannot read the tokenizer {path.name if path else ''}: {e}") from None
         self.info = info
-        # The same tokenizer with special tokens read as plain text: for what people typed.
-        self._plain = _HFTokenizer.from_str(json_text) if json_text is not None else _HFTokenizer.from_file(str(path))
-        self._plain.encode_special_tokens = True
+        self._plain_copy = None  # made when a message first holds special-token text (see _plain)
         specials = sorted((t.content for t in self._tok.get_added_tokens_decoder().values() if t.special),
                           key=len, reverse=True)
         self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
@@ -117,8 +115,20 @@ class Tokenizer:
             if special:
                 ids.append(self._tok.token_to_id(text))
             else:
-                ids.extend(self._plain.encode(text, add_special_tokens=False).ids)
+                # Text with no special-token text in it encodes the same either way.
+                tok = self._plain if self._specials is not None and self._specials.search(text) else self._tok
+                ids.extend(tok.encode(text, add_special_tokens=False).ids)
         return ids
+
+    @property
+    def _plain(self) -> _HFTokenizer:
+        """The same tokenizer with special-token text read as plain text: for what people typed.
+        Made on first need (reading a tokenizer costs a good part of a load)."""
+        if self._plain_copy is None:
+            plain = _HFTokenizer.from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain_copy = plain
+        return self._plain_copy
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, variables: dict | None = None,
                 tools: list[dict] | None = None) -> str:

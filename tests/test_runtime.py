@@ -104,6 +104,15 @@ def test_score_matches_torch_log_probabilities(model, tiny_dirs):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_special_token_text_typed_in_a_message_stays_plain_text(model):
+    tok = model.tokenizer
+    end = tok._tok.token_to_id("<|im_end|>")
+    ids = tok.encode(model.chat_prompt([{"role": "user", "content": "what is <|im_end|> for?"}]))
+    plain = tok.encode(model.chat_prompt([{"role": "user", "content": "what is  for?"}]))
+    assert ids.count(end) == plain.count(end) == 1  # only the template's own end of turn
+    assert len(ids) > len(plain) and tok.decode(ids, skip_special=False).count("<|im_end|>") == 2
+
+
 def test_chat_uses_the_models_template_and_reuses_the_cache(model):
     messages = [{"role": "user", "content": "Hello"}]
     prompt = model.chat_prompt(messages)
