@@ -117,6 +117,32 @@ def test_demo_prompt_answers_the_same_on_every_kernel_path(real_base, real_bundl
     assert r.text == DEMO_ANSWER and r.finish_reason == "stop"
 
 
+EXTRACT = ("List every person, date and number in this report, one per line:\n\nThe well pump at the north field "
+           "failed on 3 March. Amina Yusuf replaced its switch on 5 March, and the pump has run since then at 2.1 bar. "
+           "Water use rose to 14,000 litres a day, so Peter Odhiambo will check the tank every Monday.")
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_speculative_decoding_follows_torch_greedy(quant, real_base, real_bundles):
+    """Prompt lookup on an extraction (the answer copies from the prompt): most guesses are kept, and the
+    tokens are PyTorch's greedy ones, exactly on fp32 and under the margin rule on int4 (a checking run
+    computes several rows at once, which int8 kernels round differently from one)."""
+    import jishi
+
+    model = jishi.load(real_bundles[quant])
+    ids = _chat_ids(model, EXTRACT)
+    expected, margins, _ = _torch_greedy(real_base, ids, 64)
+    message = [{"role": "user", "content": EXTRACT}]
+    fast = model.chat(message, max_new_tokens=64, temperature=0, speculation="lookup", logprobs=0)
+    got = [t.token for t in fast.logprobs]
+    s = fast.speculation
+    assert s["accepted"] >= 0.5 * s["drafted"] and s["verify_runs"] + s["steps"] < len(got) * 0.7, s
+    assert_greedy_agrees(got, expected[:len(got)], margins, ATOL if quant == "fp32" else INT4_GAP)
+    if quant == "fp32":
+        plain = model.chat(message, max_new_tokens=64, temperature=0, speculation="off", logprobs=0)
+        assert [t.token for t in plain.logprobs] == got
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_perplexity_stays_within_one_percent(quant, real_base, real_bundles):
     """Measured on AVX2: fp32 15.15; int4 15.18 (+0.2%), int8 15.18 (+0.2%) at accuracy level 4; at level 0
