@@ -64,6 +64,12 @@ class Lane:
     def step(self, token: int) -> np.ndarray:
         return self.batch.decode([self], [token])[0]
 
+    def truncate(self, n: int) -> None:
+        """Keep only the first ``n`` cached tokens (a rejected speculative draft); see Engine.truncate."""
+        if not 0 <= n <= len(self.tokens):
+            raise ValueError(f"cannot keep {n} of {len(self.tokens)} cached tokens")
+        del self.tokens[n:]
+
     def copy_prefix(self, other: "Lane", n: int) -> None:
         """Hold the first ``n`` tokens of ``other``'s cache (same batch, same inputs): a copy of
         their rows, so a second answer to one prompt skips its prefill."""

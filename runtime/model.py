@@ -445,19 +445,13 @@ class Model:
         run: the Generation picks from each row exactly as it would step by step, and the cache is
         cut back to the tokens kept before any text is yielded, so closing the stream between
         pieces leaves it consistent."""
-        import time
-
-        from jishi.runtime.speculative import DraftLength, SpeculationStats
+        from jishi.runtime.speculative import Speculator
 
         gen = Generation(self.tokenizer, ids, min(max_new_tokens, self.context - len(ids)), params, stops, seed,
                          self.manifest.config.vocab_size, matcher=matcher, logprobs=logprobs)
         engine = self.engine
         spec = self.speculation.but(speculation)
-        drafter = spec.drafter()
-        stats = SpeculationStats() if drafter is not None else None
-        length = DraftLength(spec.max_draft) if drafter is not None else None
-        if drafter is not None:
-            drafter.start(ids)
+        speculator = Speculator(spec, ids) if spec.kind != "off" else None
         logits = engine.feed(ids[engine.reuse_prefix(ids):])
         pieces = [gen.push(logits)]
         while True:
@@ -465,42 +459,11 @@ class Model:
             if gen.done:
                 return Result(gen.text, gen.finish_reason, len(ids), gen.completion_tokens,
                               tuple(gen.logprobs) if logprobs is not None else None,
-                              stats.as_dict() if stats is not None else None)
-            token = gen.token  # chosen, not yet fed
-            guess = []
-            if drafter is not None:
-                drafter.extend((token,))
-                # the draft fits the answer's budget after this token, and the context after the chunk
-                room = min(gen.budget - gen.completion_tokens - 1, self.context - len(engine.tokens) - 2)
-                # a lookup guesses for free, as far as it can; a draft model writes only what will be checked
-                guess = drafter.propose(room if drafter.free else min(room, max(1, length(room)))) if room > 0 else []
-            draft = guess[:length(len(guess))] if guess else []
-            if not draft:
-                start = time.perf_counter()
-                logits = engine.step(token)
-                pieces = [gen.push(logits)]
-                if stats is not None:
-                    length.timed(1, time.perf_counter() - start)
-                    stats.steps += 1
-                    if guess:  # an unchecked guess still tells how good the guesses are
-                        length.observe(int(gen.token == guess[0]), 1)
-                continue
-            start = time.perf_counter()
-            rows = engine.feed([token, *draft], all_logits=True)  # row j: the logits after draft[j - 1]
-            length.timed(len(draft) + 1, time.perf_counter() - start)
-            kept = len(engine.tokens) - len(draft)  # the cache with ``token`` and no guess
-            pieces = []
-            for j in range(len(draft) + 1):
-                pieces.append(gen.push(rows[j]))
-                if gen.done or j == len(draft) or gen.token != draft[j]:
-                    break
-                drafter.extend((draft[j],))
-            engine.truncate(kept + j)  # ``token`` and the j guesses kept; gen.token is the next to feed
-            stats.verify_runs += 1
-            stats.drafted += len(draft)
-            stats.accepted += j
-            if not gen.done:
-                length.observe(j, len(draft))
+                              speculator.stats.as_dict() if speculator is not None else None)
+            if speculator is not None:
+                pieces = speculator.round(gen, engine, self.context)
+            else:
+                pieces = [gen.push(engine.step(gen.token))]
 
 
 def pick_constraint(schema=None, regex=None, grammar=None, json_object=False):

@@ -32,6 +32,7 @@ Two drafters:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 from jishi.errors import JishiError
@@ -226,3 +227,55 @@ class Speculation:
             raise JishiError(f"the draft model {draft.name} does not share {model.name}'s tokenizer "
                              f"(vocabulary {draft.manifest.config.vocab_size} vs {model.manifest.config.vocab_size}); "
                              "a draft model must be built from the same base or distilled from it")
+
+
+class Speculator:
+    """One answer's speculation: its drafter, draft length and counts. ``round`` is one step of the
+    decode loop for an engine (``runtime.engine.Engine`` or a ``runtime.batch.Lane``):
+
+    before, ``gen.token`` is chosen and not yet fed; ``round`` feeds it, with the guesses worth
+    checking, and picks from each row (``gen.push``) up to the first wrong guess; it cuts the cache
+    back to the tokens kept and returns the text pieces. After, unless ``gen.done``, ``gen.token``
+    is again chosen and not yet fed. No text is returned before the cache is consistent."""
+
+    def __init__(self, speculation: Speculation, prompt_ids: list[int]):
+        self.drafter = speculation.drafter()
+        if self.drafter is None:
+            raise ValueError("speculation is off")
+        self.length = DraftLength(speculation.max_draft)
+        self.stats = SpeculationStats()
+        self.drafter.start(prompt_ids)
+
+    def round(self, gen, engine, context: int) -> list[str]:
+        token, drafter, length, stats = gen.token, self.drafter, self.length, self.stats
+        drafter.extend((token,))
+        # the draft fits the answer's budget after this token, and the context after the chunk
+        room = min(gen.budget - gen.completion_tokens - 1, context - len(engine.tokens) - 2)
+        guess = []
+        if room > 0:  # a lookup guesses for free, as far as it can; a draft model writes only what is checked
+            guess = drafter.propose(room if drafter.free else min(room, max(1, length(room))))
+        draft = guess[:length(len(guess))] if guess else []
+        start = time.perf_counter()
+        if not draft:
+            pieces = [gen.push(engine.step(token))]
+            length.timed(1, time.perf_counter() - start)
+            stats.steps += 1
+            if guess:  # an unchecked guess still tells how good the guesses are
+                length.observe(int(gen.token == guess[0]), 1)
+            return pieces
+        rows = engine.feed([token, *draft], all_logits=True)  # row j: the logits after draft[j - 1]
+        length.timed(len(draft) + 1, time.perf_counter() - start)
+        kept = len(engine.tokens) - len(draft)  # the cache with ``token`` and no guess
+        pieces = []
+        for j in range(len(draft) + 1):
+            pieces.append(gen.push(rows[j]))
+            if gen.done or j == len(draft) or gen.token != draft[j]:
+                break
+            drafter.extend((draft[j],))
+        engine.truncate(kept + j)  # ``token`` and the j guesses kept
+        stats.verify_runs += 1
+        stats.drafted += len(draft)
+        stats.accepted += j
+        if not gen.done:
+            length.observe(j, len(draft))
+        return pieces

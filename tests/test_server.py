@@ -348,6 +348,28 @@ def test_concurrent_answers_progress_together_and_equal_the_runtime(endless):
 
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batched", "unbatched"])
+def test_an_answer_alone_speculates_and_rejoins_the_others_when_they_come(endless, batch):
+    """Alone, an answer checks guesses (here the model drafting for itself, so every guess holds: fewer runs
+    than tokens); when a second request arrives, the first one's next token, already chosen, is fed in the
+    others' run. Both answers are the plain ones."""
+    long_ref = endless.generate(PROMPT, max_new_tokens=300, temperature=0, speculation="off").text
+    short_ref = endless.generate("A list is", max_new_tokens=40, temperature=0, speculation="off").text
+    drafting = jishi.load(endless.bundle.root, threads=1, draft=endless.bundle.root)
+    with LiveServer(drafting, max_concurrent=2, queue=2, batch=batch) as s:
+        first = streaming_client(s.url + "/v1/completions",
+                                 {"prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stream": True})
+        assert wait_for(lambda: s.scheduler.tokens_generated >= 100, timeout=60)
+        alone = s.scheduler.tokens_generated, s.scheduler.steps
+        r = post(s, "/v1/completions", {"prompt": "A list is", "max_tokens": 40, "temperature": 0})
+        pieces = [json.loads(line) for line in first.communicate(timeout=120)[0].splitlines()]
+        together = s.scheduler.batch.widest if batch else None
+    assert "".join(text for _, text in pieces) == long_ref
+    assert together is None or together == 2  # the two answers did decode in one run
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == short_ref
+    assert alone[1] < 0.7 * alone[0], alone  # while alone: runs (prefill included) well under the tokens made
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "unbatched"])
 def test_concurrent_greedy_answers_equal_single_requests_with_and_without_adapters(model, batch):
     """Many clients at once, some with the adapter: each answer equals the runtime's own for
     that request alone, whether the rows ran together (per adapter) or one by one."""

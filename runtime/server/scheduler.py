@@ -12,7 +12,10 @@ A single scheduler thread runs every model call. Each round it
 3. advances every decoding slot by one token (``decode_round``).
 
 So all active answers progress together and a new one gets its first token
-after at most one round. A job cancelled (its client left) frees its slot at
+after at most one round. An answer decoding alone, with nobody waiting, speculates
+(runtime.speculative, the model's kind: prompt lookup unless it was loaded with a draft
+model or with speculation off): a round checks its guesses in one run and may yield
+several tokens, and the next job to arrive finds it back in step with the others. A job cancelled (its client left) frees its slot at
 the start of the next round, and nothing more is computed for it.
 
 Batched (the default), the slots are lanes of one ``BatchEngine``: a decode
@@ -71,6 +74,7 @@ class Job:
     cancelled: bool = False
     gen: Generation | None = None
     followers: int = 0  # how many answers after this one share its prompt
+    speculator: object | None = None  # speculative.Speculator while it decodes alone
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -248,6 +252,11 @@ class Scheduler:
         job.gen = Generation(self.model.tokenizer, job.prompt_ids, job.budget, job.params, job.stops, job.seed,
                              self.model.manifest.config.vocab_size, matcher=matcher, logprobs=job.logprobs,
                              index=job.index)
+        spec = getattr(self.model, "speculation", None)
+        if spec is not None and spec.kind != "off":
+            from jishi.runtime.speculative import Speculator
+
+            job.speculator = Speculator(spec, job.prompt_ids)
         if self._fork(slot, job):
             return
         start = slot.engine.reuse_prefix(job.prompt_ids)
@@ -310,14 +319,19 @@ class Scheduler:
 
     def decode_round(self, slots: list[Slot]) -> None:
         """One token for each of these slots: sample from its logits, hand the text on, run the
-        model on the token. Batched: sample all, then one run per adapter group."""
+        model on the token. Batched: sample all, then one run per adapter group. A slot alone,
+        with nobody waiting, speculates instead (``_speculate``)."""
+        if len(slots) == 1 and slots[0].job.speculator is not None and not self._waiting:
+            self._guard(slots[0], self._speculate, slots[0])
+            return
         if self.batch is None:
             for slot in slots:
                 self._guard(slot, self._decode_one, slot)
             return
         groups: dict = {}
         for slot in slots:
-            self._guard(slot, self._sample, slot)
+            if slot.logits is not None:  # else its token was chosen by a speculative round
+                self._guard(slot, self._sample, slot)
             if slot.job is not None:
                 groups.setdefault(id(slot.engine.inputs), []).append(slot)
         # Every slot's logits are read: rows may move and runs overwrite them now.
@@ -352,9 +366,26 @@ class Scheduler:
         return True
 
     def _decode_one(self, slot: Slot) -> None:
-        if self._sample(slot):
+        if slot.logits is None or self._sample(slot):  # no logits: a speculative round chose its token
             slot.logits = slot.engine.step(slot.job.gen.token)
             self.steps += 1
+
+    def _speculate(self, slot: Slot) -> None:
+        """One speculative round for a slot decoding alone: it leaves the slot with its next token
+        chosen and not yet fed (``slot.logits`` None), which a plain round then feeds."""
+        if slot.logits is not None and not self._sample(slot):
+            return
+        job, gen = slot.job, slot.job.gen
+        before = gen.completion_tokens
+        pieces = job.speculator.round(gen, slot.engine, self.model.context)
+        slot.logits = None
+        self.steps += 1
+        self.tokens_generated += gen.completion_tokens - before
+        for piece in pieces:
+            if piece:
+                job.sink("piece", piece)
+        if gen.done:
+            self._release(slot, gen)
 
     def _guard(self, slot: Slot, fn, *args) -> None:
         """Run one unit of a slot's work; an error ends that job alone."""

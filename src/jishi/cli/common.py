@@ -60,6 +60,15 @@ def add_load_options(p) -> None:
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template (Hugging Face style) to use instead of the bundle's, or for a bundle "
                         "of a pretrained base that has none")
+    add_speculation_options(p)
+
+
+def add_speculation_options(p) -> None:
+    p.add_argument("--speculation", choices=("lookup", "draft", "off"),
+                   help="guess tokens ahead and check them in one run (same tokens, faster): lookup (default) "
+                        "guesses from the text so far, draft from --draft; off decodes a token a run")
+    p.add_argument("--draft", metavar="BUNDLE",
+                   help="a smaller bundle with the same tokenizer (e.g. a distilled student) that writes the guesses")
 
 
 def read_template(path: str) -> str:

@@ -38,11 +38,6 @@ def register(sub) -> None:
         r.add_argument("--template-var", action="append", default=[], metavar="NAME=VALUE",
                        help="a variable for the chat template, e.g. enable_thinking=false for Qwen3 (repeatable; "
                             "VALUE is read as JSON where it is JSON, else as text)")
-        r.add_argument("--speculation", choices=("lookup", "draft", "off"),
-                       help="guess tokens ahead and check them in one run (same tokens, faster): lookup (default) "
-                            "guesses from the text so far, draft from --draft; off decodes a token a run")
-        r.add_argument("--draft", metavar="BUNDLE",
-                       help="a smaller bundle with the same tokenizer (e.g. a distilled student) that writes the guesses")
         add_load_options(r)
         r.set_defaults(func=run if name == "run" else chat)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from jishi.errors import JishiError
 
-from .common import add_load_options, load_model
+from .common import add_load_options, add_speculation_options, load_model
 
 
 def register(sub) -> None:
@@ -31,6 +32,7 @@ def register(sub) -> None:
     _serve_options(si)
     si.add_argument("--threads", type=int)
     si.add_argument("--context", type=int)
+    add_speculation_options(si)
     si.add_argument("--user", help="run the server as this user (default: the one calling, or SUDO_USER)")
     si.add_argument("--unit-dir", help="write the unit into this directory instead of enabling it")
     si.set_defaults(func=service_install)
@@ -78,6 +80,8 @@ def serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"warning: listening on {args.host} without an API key: anyone on the network can use this server "
               "(pass --api-key KEY to require one)", file=sys.stderr)
+    if args.draft and len(args.bundle) > 1:
+        raise JishiError("--draft applies to one model; serve several models without it")
     if len(args.bundle) == 1:
         args.bundle = args.bundle[0]
         run_server(load_model(args), args.host, args.port, config)
@@ -101,7 +105,8 @@ def fleet(args, config):
         budget = int(available * 0.9) if available else None
 
     def load(path):
-        return jishi.load(path, threads=args.threads, context=args.context, force=args.force)
+        return jishi.load(path, threads=args.threads, context=args.context, force=args.force,
+                          speculation=None if args.speculation == "draft" else args.speculation)
 
     return Fleet.from_paths(args.bundle, config, load, idle_unload=args.idle_unload, budget=budget,
                             context=args.context)
@@ -123,6 +128,10 @@ def service_install(args) -> int:
         serve_args += ["--adapter-system", spec]
     if args.threads:
         serve_args += ["--threads", str(args.threads)]
+    if args.speculation:
+        serve_args += ["--speculation", args.speculation]
+    if args.draft:
+        serve_args += ["--draft", str(Path(args.draft).resolve()) if Path(args.draft).exists() else args.draft]
     if args.context:
         serve_args += ["--context", str(args.context)]
     install_service(args.bundle, serve_args, unit_dir=args.unit_dir, user=args.user)
