@@ -369,6 +369,61 @@ def test_an_answer_alone_speculates_and_rejoins_the_others_when_they_come(endles
     assert alone[1] < 0.7 * alone[0], alone  # while alone: runs (prefill included) well under the tokens made
 
 
+SYSTEM = ("You are the farm's assistant. Answer in short sentences, name units, and say when you are not sure "
+          "of something. The farm grows maize, beans and cassava and keeps goats and chickens.")
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "unbatched"])
+def test_prompts_that_arrive_together_compute_their_common_start_once(model, batch):
+    """Requests that arrive in one round with one system prompt: it is computed in one slot and copied to
+    the others. Every answer is the one it gets alone."""
+    from jishi.runtime.sampling import SamplingParams
+    from jishi.runtime.server.scheduler import Job, Scheduler
+
+    questions = ["What is a list?", "How do goats sleep?", "Name a bean.", "Why is maize tall?"]
+    prompts = [model.chat_prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+               for q in questions]
+    refs = [model.generate(p, chat=True, max_new_tokens=30, temperature=0, speculation="off").text for p in prompts]
+    scheduler = Scheduler(model, max_concurrent=4, queue_limit=4, batch=batch)
+    done, finished = {}, threading.Event()
+
+    def sink(k):
+        def put(kind, value):
+            if kind in ("done", "error"):
+                done[k] = value
+                if len(done) == len(prompts):
+                    finished.set()
+        return put
+
+    jobs = [Job(model.tokenizer.encode(p, bos=False), 30, SamplingParams(temperature=0), sink(k))
+            for k, p in enumerate(prompts)]
+    scheduler.submit_all(jobs)  # queued before the scheduler's first round
+    scheduler.start()
+    try:
+        assert finished.wait(timeout=60)
+    finally:
+        scheduler.stop()
+    assert [done[k].text for k in range(len(prompts))] == refs
+    system_tokens = len(model.tokenizer.encode(model.chat_prompt([{"role": "system", "content": SYSTEM}]))) - 8
+    assert scheduler.shared_tokens >= 3 * system_tokens, scheduler.shared_tokens  # three copied it
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "unbatched"])
+def test_a_new_request_copies_its_start_from_a_slot_still_answering(endless, batch):
+    question = SYSTEM + "\nQuestion: what is a list?\nAnswer:"
+    other = SYSTEM + "\nQuestion: how do goats sleep?\nAnswer:"
+    ref = endless.generate(other, max_new_tokens=20, temperature=0, speculation="off").text
+    with LiveServer(endless, max_concurrent=3, queue=2, batch=batch) as s:
+        first = streaming_client(s.url + "/v1/completions",
+                                 {"prompt": question, "max_tokens": 400, "temperature": 0, "stream": True})
+        assert wait_for(lambda: s.scheduler.tokens_generated >= 20, timeout=60)
+        r = post(s, "/v1/completions", {"prompt": other, "max_tokens": 20, "temperature": 0})
+        shared = s.scheduler.shared_tokens
+        first.communicate(timeout=120)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref
+    assert shared >= len(endless.tokenizer.encode(SYSTEM)) - 2, shared
+
+
 @pytest.mark.parametrize("batch", [True, False], ids=["batched", "unbatched"])
 def test_concurrent_greedy_answers_equal_single_requests_with_and_without_adapters(model, batch):
     """Many clients at once, some with the adapter: each answer equals the runtime's own for

@@ -39,6 +39,7 @@ from jishi.runtime.generation import Generation
 from jishi.runtime.sampling import SamplingParams
 
 PREFILL_CHUNK = 64  # prompt tokens a slot feeds per round
+SHARED_PREFIX = 16  # a prompt start at least this long, held by another slot, is copied rather than computed
 _UNBOUND = object()  # a slot's adapter when its bindings are not known
 
 
@@ -122,6 +123,7 @@ class Scheduler:
         self.steps = 0  # model runs, prefill chunks included
         self.served = 0
         self.forks = 0  # answers started from another's prefill (n > 1)
+        self.shared_tokens = 0  # prompt tokens copied from another slot's cache instead of computed
         self.release_after = release_after  # idle seconds before the caches are dropped and shrunk
         self.releases = 0
 
@@ -169,7 +171,7 @@ class Scheduler:
             return {"slots": len(self.slots), "active": sum(s.job is not None for s in self.slots),
                     "queued": len(self._waiting), "queue_limit": self.queue_limit, "served": self.served,
                     "tokens_generated": self.tokens_generated, "batched": self.batch is not None,
-                    "kv_bytes": self.kv_bytes()}
+                    "kv_bytes": self.kv_bytes(), "shared_prompt_tokens": self.shared_tokens}
 
     def _retry_after(self) -> int:
         per_job = sorted(self._durations)[len(self._durations) // 2] if self._durations else 2.0
@@ -193,6 +195,7 @@ class Scheduler:
                     self._release(slot, None)
             active = [s for s in active if s.job is not None]
             ready = []
+            self._share_burst(active)
             together = self._prefill_together(active)
             for slot in active:
                 if slot.todo and slot not in together:
@@ -260,7 +263,57 @@ class Scheduler:
         if self._fork(slot, job):
             return
         start = slot.engine.reuse_prefix(job.prompt_ids)
-        slot.todo = job.prompt_ids[start:]
+        slot.todo = job.prompt_ids[start + self._borrow_prefix(slot, job.prompt_ids, start):]
+
+    def _borrow_prefix(self, slot: Slot, ids: list[int], have: int) -> int:
+        """Copy into ``slot`` the longest start of ``ids`` that another slot's cache holds (a system
+        prompt every request shares, an earlier turn of the same chat), when it is at least
+        SHARED_PREFIX tokens longer than what the slot holds: a copy of cache rows instead of a
+        prefill. Returns how many tokens more the slot then holds."""
+        best, source = have, None
+        for other in self.slots:
+            if other is slot or other.adapter != slot.adapter:
+                continue
+            n = min(_common_prefix(other.engine.tokens, ids), len(ids) - 1)
+            if n > best:
+                best, source = n, other
+        if source is None or best - have < SHARED_PREFIX:
+            return 0
+        if self.batch is not None and source.engine.inputs is not slot.engine.inputs:
+            return 0
+        slot.engine.copy_prefix(source.engine, best)
+        self.shared_tokens += best - have
+        return best - have
+
+    def _share_burst(self, active: list[Slot]) -> None:
+        """New prompts that arrived together and start alike (the same system prompt): their common
+        start is computed once, in one slot, and copied to the others; each then reads only its own
+        rest. Several prompts of one run cannot each extend a cache (onnxruntime's attention takes
+        one row when it reads several tokens after a cache), so this pays when the common start is
+        long: the rests are read one run each, the start once instead of once per prompt."""
+        groups: dict = {}
+        for slot in active:
+            if slot.todo and not slot.engine.tokens and slot.job is not None and slot.job.leader is None:
+                groups.setdefault(slot.adapter, []).append(slot)
+        for group in groups.values():
+            if len(group) < 3:
+                continue
+            n = min(len(s.todo) for s in group) - 1
+            first = group[0].todo
+            for other in group[1:]:
+                n = min(n, _common_prefix(first, other.todo))
+            if n < SHARED_PREFIX:
+                continue
+            lead = group[0]
+            self._guard(lead, lead.engine.feed, first[:n])
+            if lead.job is None:  # the run failed: the error went to its job, the others prefill as usual
+                continue
+            self.steps += 1
+            for slot in group:
+                if slot is not lead:
+                    slot.engine.copy_prefix(lead.engine, n)
+                    self.shared_tokens += n
+                slot.todo = slot.todo[n:]
 
     def _fork(self, slot: Slot, job: Job) -> bool:
         """Start a follower from its leader's prefill: copy the prompt's cache rows instead of
