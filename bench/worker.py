@@ -1,14 +1,17 @@
 """One measurement in a fresh process: load, prefill, time to first token, decode, peak RSS.
 
-    python bench/worker.py SYSTEM PATH PROMPTS.json THREADS
+    python bench/worker.py SYSTEM PATH PROMPTS.json THREADS [NEW_TOKENS] [--flash-attn on|off]
 
 SYSTEM is jishi, torch, genai or llamacpp. PROMPTS.json holds the token ids all
 systems get: ``prefill`` (~500 tokens) and ``chat`` (a chat prompt). Prints one
-JSON object. Each peer is driven through its own public API with greedy decoding.
+JSON object. Each peer is driven through its own public API with greedy decoding
+(the most likely token, read from the logits where the API gives them).
+``--flash-attn`` is llama.cpp's flash attention (default off).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import sys
@@ -110,10 +113,11 @@ def run_genai(path, prompts, threads, new_tokens):
     def decode():
         g = generator(len(prompts["chat"]) + new_tokens + 1)
         t0 = time.perf_counter()
-        g.append_tokens(np.array(prompts["chat"], dtype=np.int32))
+        g.append_tokens(np.array(prompts["chat"], dtype=np.int32))  # runs the prompt
+        g.generate_next_token()  # picks the first token from the prompt's logits
         t1 = time.perf_counter()
-        out = []
-        for _ in range(new_tokens - 1):
+        out = [int(g.get_next_tokens()[0])]
+        for _ in range(new_tokens - 1):  # each runs the last token, then picks the next
             g.generate_next_token()
             out.append(int(g.get_next_tokens()[0]))
         return t1 - t0, time.perf_counter() - t1, out
@@ -121,12 +125,23 @@ def run_genai(path, prompts, threads, new_tokens):
     return load, prefill, decode
 
 
-def run_llamacpp(path, prompts, threads, new_tokens):
+def run_llamacpp(path, prompts, threads, new_tokens, flash_attn=False):
+    import numpy as np
     from llama_cpp import Llama
 
+    batch = max(512, len(prompts["prefill"]), len(prompts["chat"]))  # each prompt in one batch
     t = time.perf_counter()
-    m = Llama(model_path=path, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
+    m = Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=batch,
+              n_ubatch=batch, flash_attn=flash_attn, verbose=False)
     load = time.perf_counter() - t
+
+    import llama_cpp
+
+    vocab = m.n_vocab()
+
+    def last_argmax():
+        # The last position's logits, as llama.cpp's context holds them (eval() copies them nowhere).
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(m.ctx, -1), shape=(vocab,))))
 
     def prefill():
         m.reset()
@@ -138,26 +153,53 @@ def run_llamacpp(path, prompts, threads, new_tokens):
         m.reset()
         t0 = time.perf_counter()
         m.eval(prompts["chat"])
-        token = m.sample(temp=0.0)
+        token = last_argmax()
         t1 = time.perf_counter()
         out = [token]
         for _ in range(new_tokens - 1):
             m.eval([token])
-            token = m.sample(temp=0.0)
+            token = last_argmax()
             out.append(token)
         return t1 - t0, time.perf_counter() - t1, out
 
     return load, prefill, decode
 
 
+def versions(system) -> dict:
+    """The versions of what ran, and for llama.cpp the CPU features its build uses."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = {"jishi": ["jishi", "onnxruntime"], "torch": ["torch", "transformers"],
+             "genai": ["onnxruntime-genai"], "llamacpp": ["llama-cpp-python"]}[system]
+    out = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            pass
+    if system == "llamacpp":
+        import llama_cpp
+
+        out["system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    return out
+
+
 SYSTEMS = {"jishi": run_jishi, "torch": run_torch, "genai": run_genai, "llamacpp": run_llamacpp}
 
 
 def main() -> None:
-    system, path, prompts_file, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    new_tokens = int(sys.argv[5]) if len(sys.argv) > 5 else 128
-    prompts = json.load(open(prompts_file))
-    load, prefill, decode = SYSTEMS[system](path, prompts, threads, new_tokens)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("system", choices=sorted(SYSTEMS))
+    ap.add_argument("path")
+    ap.add_argument("prompts")
+    ap.add_argument("threads", type=int)
+    ap.add_argument("new_tokens", type=int, nargs="?", default=128)
+    ap.add_argument("--flash-attn", choices=("on", "off"), default="off")
+    args = ap.parse_args()
+    new_tokens = args.new_tokens
+    prompts = json.load(open(args.prompts))
+    extra = {"flash_attn": args.flash_attn == "on"} if args.system == "llamacpp" else {}
+    load, prefill, decode = SYSTEMS[args.system](args.path, prompts, args.threads, new_tokens, **extra)
     prefill()  # warm up
     prefill_s = min(prefill() for _ in range(2))
     decode()
@@ -169,6 +211,7 @@ def main() -> None:
         "decode_tok_s": round((new_tokens - 1) / decode_s, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "tokens": tokens[:16],
+        "versions": versions(args.system),
     }))
 
 
