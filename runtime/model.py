@@ -166,6 +166,10 @@ class Model:
             session = make_session(self.bundle.path(graph_file), self.settings)
         except Exception as e:  # onnxruntime reports a bad graph with its own exception types
             raise BundleError(f"onnxruntime cannot load {graph_file}: {e}") from None
+        if self.settings.release_mapped_weights:
+            from jishi.runtime.memory import release_mapped_file
+
+            release_mapped_file(self.bundle.path(m.graph.data_file))  # pages read once by prepacking (runtime/memory.py)
         self.graph_file = graph_file
         base_inputs = None
         if self.has_merge_points:

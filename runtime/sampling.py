@@ -88,6 +88,34 @@ def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) ->
     return logits
 
 
+def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the ``k`` largest logits, in no particular order: the set
+    ``np.argpartition(logits, -k)[-k:]`` holds (where logits tie at the k-th value, another of
+    the tied ones may be picked).
+
+    Partitioning the whole vocabulary took about 1.7 ms of a 10 ms decode step (49,152 logits,
+    numpy 2.4; bench/profile.py). Instead the logits are cut into at least 16·k groups, whose maxima
+    are one elementwise maximum over rows; the k-th largest of those maxima is a floor that at
+    least k logits reach (one in each of the top k groups), so the k largest are among the logits
+    at or above it, usually a few more than k, and only those are partitioned.
+    """
+    n = logits.size
+    groups = 1 << (16 * k - 1).bit_length()  # a power of two, at least 16k
+    rows = n // groups
+    if rows < 2:  # a small vocabulary: nothing to gain
+        return np.argpartition(logits, -k)[-k:]
+    maxima = logits[:rows * groups].reshape(rows, groups).max(axis=0)  # group j: logits j, j + groups, …
+    if rows * groups < n:
+        maxima = np.concatenate([maxima, logits[rows * groups:]])  # the rest: a group each
+    floor = np.partition(maxima, maxima.size - k)[maxima.size - k]
+    candidates = np.flatnonzero(logits >= floor)
+    if candidates.size < k:  # NaN logits compare false: the plain way
+        return np.argpartition(logits, -k)[-k:]
+    if candidates.size == k:
+        return candidates
+    return candidates[np.argpartition(logits[candidates], -k)[-k:]]
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray | None = None,
            mask=None) -> int:
     """One token id from a vector of logits (which may be changed in place). ``mask`` is a
@@ -102,7 +130,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     # Order is unchanged by a positive temperature: pick the top k on the raw logits.
     if params.top_k and params.top_k < logits.size:
-        candidates = np.argpartition(logits, -params.top_k)[-params.top_k:]
+        candidates = top_k_indices(logits, params.top_k)
     else:
         candidates = np.arange(logits.size)
     order = candidates[np.argsort(-logits[candidates], kind="stable")]

@@ -45,6 +45,7 @@ class RuntimeSettings:
     cpu_mem_arena: bool = True
     prepacking: bool = True
     spinning: bool = True
+    release_mapped_weights: bool = True  # page out the weights file's pages once the session is made (memory.py)
     profile: str | None = None  # the profile they come from
     why: str = ""
 
@@ -69,6 +70,7 @@ class RuntimeSettings:
             ("CPU memory arena", "on" if self.cpu_mem_arena else "off"),
             ("prepacked weights", "on" if self.prepacking else "off"),
             ("thread spinning", "on" if self.spinning else "off"),
+            ("weights file pages", "given back after load" if self.release_mapped_weights else "kept"),
             ("settings from", f"profile {self.profile}" if self.profile else "defaults (no profile matches)"),
         ]
 
@@ -96,6 +98,7 @@ def choose(profile, cores: int, threads: int | None = None, available: list[str]
         cpu_mem_arena=bool(rt.get("cpu_mem_arena", True)),
         prepacking=bool(rt.get("prepacking", True)),
         spinning=bool(rt.get("spinning", True)),
+        release_mapped_weights=bool(rt.get("release_mapped_weights", True)),
         profile=profile.id,
         why=str(rt.get("why", "")),
     )

@@ -116,3 +116,61 @@ def test_logprobs_are_the_raw_log_softmax_equal_to_score(model, temperature, pen
         assert e.logprob <= values[0] + 1e-12
     if temperature == 0:  # greedy picks the top alternative
         assert all(e.token == e.top[0][0] for e in r.logprobs)
+
+
+@pytest.mark.parametrize("n", [49152, 262144, 50257, 32000, 151936, 384])
+@pytest.mark.parametrize("k", [1, 8, 40, 100])
+def test_top_k_picks_the_same_tokens_as_a_full_partition(n, k):
+    from jishi.runtime.sampling import top_k_indices
+
+    rng = np.random.default_rng(n + k)
+    logits = (rng.standard_normal(n) * 3).astype(np.float32)
+    expected = set(np.argpartition(logits, -k)[-k:].tolist())
+    assert set(top_k_indices(logits, k).tolist()) == expected
+    # logits of a realistic shape: a few far above a long tail
+    logits[rng.choice(n, 5, replace=False)] += 25.0
+    got = top_k_indices(logits, k)
+    assert got.size == k and set(got.tolist()) == set(np.argpartition(logits, -k)[-k:].tolist())
+
+
+def test_top_k_with_masked_tokens_and_ties_keeps_k_of_the_largest():
+    from jishi.runtime.sampling import top_k_indices
+
+    rng = np.random.default_rng(1)
+    logits = np.full(49152, -np.inf, np.float32)  # a constraint allows only a few tokens
+    allowed = rng.choice(49152, 12, replace=False)
+    logits[allowed] = rng.standard_normal(12).astype(np.float32)
+    got = top_k_indices(logits, 40)
+    assert got.size == 40 and set(allowed.tolist()) <= set(got.tolist())
+    tied = np.zeros(49152, np.float32)  # every logit equal: any 40 distinct tokens
+    got = top_k_indices(tied, 40)
+    assert got.size == 40 and len(set(got.tolist())) == 40
+    with_nan = rng.standard_normal(49152).astype(np.float32)
+    with_nan[7] = np.nan
+    assert top_k_indices(with_nan, 40).size == 40
+
+
+def test_seeded_sampling_draws_what_a_full_partition_would():
+    """The default sampler (top-k 40, top-p, repetition penalty) on a vocabulary of 49,152: the same
+    tokens, seed for seed, as the same steps written with a full argpartition."""
+    def by_full_partition(logits, params, rng, seen):
+        logits = logits.copy()
+        vals = logits[seen]
+        logits[seen] = np.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+        candidates = np.argpartition(logits, -params.top_k)[-params.top_k:]
+        order = candidates[np.argsort(-logits[candidates], kind="stable")]
+        scaled = logits[order].astype(np.float64) / params.temperature
+        probs = np.exp(scaled - scaled[0])
+        probs /= probs.sum()
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
+        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        return int(order[rng.choice(order.size, p=probs)])
+
+    params = SamplingParams()
+    data = np.random.default_rng(9)
+    seen = np.arange(100, 300)
+    for seed in range(30):
+        logits = (data.standard_normal(49152) * 2).astype(np.float32)
+        logits[data.choice(49152, 30, replace=False)] += data.uniform(4, 9, 30).astype(np.float32)
+        expected = by_full_partition(logits, params, np.random.default_rng(seed), seen)
+        assert sample(logits.copy(), params, np.random.default_rng(seed), seen) == expected
