@@ -60,7 +60,7 @@ class _Bundle:
         c = m.config
         self.label = path.name
         self.kind, self.quant = "bundle", m.graph.quantization.get("name", "?")
-        if m.graph.quantization.get("method"):
+        if self.quant == "int4" and m.graph.quantization.get("method"):
             self.quant += "-" + m.graph.quantization["method"]
         self.layers = c.num_layers
         self.params = _params_of(c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
