@@ -137,8 +137,8 @@ def calibrate(model, cfg, weights: dict[str, np.ndarray], batches, method: str =
     from jishi.export import awq
     from jishi.families import features_of
 
-    if method not in CALIBRATED:
-        raise ValueError(f"unknown calibrated method {method!r}; one of {', '.join(CALIBRATED)}")
+    if method not in METHODS:  # rtn here: round-to-nearest with its layer output error measured
+        raise ValueError(f"unknown int4 method {method!r}; one of {', '.join(METHODS)}")
     feats = features_of(cfg)
     norm_before = {"attn_in": "input_layernorm", "mlp_in": feats.pre_mlp_norm}
     use_gptq, use_awq = method in ("gptq", "awq-gptq"), method in ("awq", "awq-gptq")

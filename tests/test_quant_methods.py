@@ -132,3 +132,123 @@ def test_bad_method_options_are_refused_with_what_to_do(llama, tmp_path):
         build(llama, "int4", tmp_path / "x", damp=0.0, quiet=True)
     with pytest.raises(JishiError, match="folds input scales into the norms.*--no-merge-points"):
         build(llama, "int4", tmp_path / "x", method="awq", merge_points=True, quiet=True)
+
+
+# -- the methods on one layer ------------------------------------------------------------------------------------
+
+def _layer(seed: int, n: int = 64, k: int = 128):
+    """A weight and an input source with correlated features and a few loud ones, as in real activations."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    mix = np.eye(k) + 0.6 * rng.standard_normal((k, 8)) @ rng.standard_normal((8, k)) / np.sqrt(8)
+    loud = np.where(rng.random(k) < 0.05, 8.0, 1.0)
+
+    def inputs(m):
+        return ((rng.standard_normal((m, k)) @ mix) * loud).astype(np.float32)
+
+    return w, inputs
+
+
+def _methods(w, calib):
+    """Each method's dequantized weight for ``w`` calibrated on ``calib``, in the original input basis."""
+    from jishi.export import awq
+    from jishi.export.gptq import gptq_quantize
+    from jishi.export.quant import quantize_asymmetric
+
+    H = calib.T.astype(np.float64) @ calib / len(calib)
+    rtn = lambda ws, hs: quantize_asymmetric(ws, 4, 32, correct=True).dequantize()  # noqa: E731
+    gptq = lambda ws, hs: gptq_quantize(ws, hs, 4, 32, act_order=True).dequantize()  # noqa: E731
+    out = {"rtn": rtn(w, H), "gptq": gptq_quantize(w, H, 4, 32, act_order=False).dequantize(), "gptq-act": gptq(w, H)}
+    for name, quantize in (("awq", rtn), ("awq-gptq", gptq)):
+        s, _, _ = awq.search(w, H, np.abs(calib).mean(0), quantize)
+        out[name] = quantize((w * s).astype(np.float32), H / np.outer(s, s)) / s
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_method_moves_a_layers_output_less_than_round_to_nearest(seed):
+    """Layer output error ‖x·(Ŵ − W)ᵀ‖ / ‖x·Wᵀ‖ on the calibration inputs and on inputs none of them saw:
+    GPTQ by activation order below plain GPTQ, AWQ scaling below rounding alone, AWQ + GPTQ lowest."""
+    from jishi.export.gptq import output_error
+
+    w, inputs = _layer(seed)
+    calib, fresh = inputs(2048), inputs(1024)
+    got = _methods(w, calib)
+    for x in (calib, fresh):
+        e = {name: output_error(w_hat, w, x) for name, w_hat in got.items()}
+        assert e["gptq"] < 0.5 * e["rtn"], e
+        assert e["gptq-act"] < 0.9 * e["gptq"], e
+        assert e["awq"] < 0.85 * e["rtn"], e
+        assert e["awq-gptq"] < 0.95 * e["gptq-act"], e
+
+
+def test_act_order_keeps_every_blocks_grid_in_place_and_runs_in_matmul_nbits():
+    """Static groups: the scales and minima are round-to-nearest's, from the original weights, so the
+    blocks still tile the inputs in order; only the codes differ, and MatMulNBits runs them as written."""
+    from jishi.export.gptq import gptq_quantize
+    from jishi.export.quant import quantize_asymmetric, unpack
+    from test_quant import run_matmul_nbits
+
+    w, inputs = _layer(3)
+    calib = inputs(1024)
+    q = gptq_quantize(w, calib.T.astype(np.float64) @ calib / len(calib), 4, 32, act_order=True)
+    rtn = quantize_asymmetric(w, 4, 32, correct=True)
+    np.testing.assert_array_equal(q.scales, rtn.scales)
+    np.testing.assert_array_equal(q.zero_points, rtn.zero_points)
+    np.testing.assert_array_equal(q.correction, rtn.correction)
+    assert (unpack(q.packed, 4, q.n, q.k) != unpack(rtn.packed, 4, rtn.n, rtn.k)).mean() > 0.05
+    x = inputs(4)
+    np.testing.assert_allclose(run_matmul_nbits(q, x), x @ q.dequantize().T, atol=2e-5, rtol=0)
+
+
+def test_damping_is_a_parameter_between_trusting_the_calibration_and_rounding():
+    from jishi.export.gptq import gptq_quantize, output_error
+    from jishi.export.quant import quantize_asymmetric, unpack
+
+    w, inputs = _layer(4)
+    calib = inputs(2048)
+    H = calib.T.astype(np.float64) @ calib / len(calib)
+    err = {d: output_error(gptq_quantize(w, H, act_order=True, damp=d).dequantize(), w, calib) for d in (0.01, 0.1, 1.0)}
+    assert err[0.01] < err[0.1] < err[1.0], err
+    # damped without bound, no error is carried to other columns: round-to-nearest on the same grid
+    flat = gptq_quantize(w, H, act_order=True, damp=1e9)
+    assert (unpack(flat.packed, 4, 64, 128) == unpack(quantize_asymmetric(w, 4, 32).packed, 4, 64, 128)).mean() > 0.999
+    with pytest.raises(ValueError, match="the damping must be a positive fraction"):
+        gptq_quantize(w, H, damp=0.0)
+    with pytest.raises(ValueError, match=r"a Hessian of shape \(64, 64\) does not fit a weight with 128 inputs"):
+        gptq_quantize(w, H[:64, :64])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "phi3"])
+def test_layer_by_layer_statistics_are_those_of_the_full_forward_pass(family, tiny_dirs):
+    """Each layer run alone on the float outputs of the one before, with the arguments the model gives it
+    (masks, rotary tables, Gemma 3's sliding windows), sees exactly the inputs it sees in the whole model."""
+    from transformers import AutoModelForCausalLM
+
+    from jishi.export.calibrate import INPUT_OF, layer_statistics
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(3, 384, (1, 40), generator=g) for _ in range(3)]
+    sums, hooks = {}, []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in INPUT_OF and ".layers." in name:
+            key = (int(name.split(".layers.")[1].split(".")[0]), INPUT_OF[leaf])
+
+            def hook(mod, args, key=key):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                sums[key] = sums.get(key, 0) + x.T @ x
+            hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    seen = set()
+    for i, stats in layer_statistics(model, batches):
+        for key, st in stats.items():
+            np.testing.assert_allclose(st.hessian, sums[(i, key)].numpy() / 120, rtol=1e-10, atol=1e-12)
+            assert st.tokens == 120 and st.mean_abs.shape == (st.hessian.shape[0],)
+            seen.add((i, key))
+    assert seen == set(sums) and len(seen) == 4 * model.config.num_hidden_layers
