@@ -252,3 +252,102 @@ def test_layer_by_layer_statistics_are_those_of_the_full_forward_pass(family, ti
             assert st.tokens == 120 and st.mean_abs.shape == (st.hessian.shape[0],)
             seen.add((i, key))
     assert seen == set(sums) and len(seen) == 4 * model.config.num_hidden_layers
+
+
+# -- calibration that is honest ----------------------------------------------------------------------------------
+
+def test_calibration_text_that_shares_a_passage_with_the_heldout_text_is_refused(llama, tmp_path):
+    from jishi.heldout import OVERLAP_CHARS, calibration_text, check_calibration, heldout_text
+    from jishi.pipeline import build
+
+    clean = check_calibration(calibration_text())
+    assert clean == {"window_chars": OVERLAP_CHARS, "windows": len(calibration_text()) - OVERLAP_CHARS + 1, "in_heldout": 0}
+    leaked = calibration_text()[:40_000] + heldout_text()[7_000:7_100] + calibration_text()[40_000:80_000]
+    with pytest.raises(JishiError, match=r"the calibration file holds 1 passage\(s\) of the held-out evaluation text "
+                                         r"\(pydoc_data.topics, first 20,000 characters\), e.g. '.+': the quality "
+                                         r"measured on it would flatter a model calibrated on it. Remove those passages"):
+        build(llama, "int4", tmp_path / "x", context=128, quiet=True, calibration=leaked, calibration_sequences=2)
+    assert not (tmp_path / "x").exists()
+    # the same text with the passage taken out calibrates, and the check is recorded
+    out = build(llama, "int4", tmp_path / "ok", context=128, quiet=True, evaluate=False, calibration_sequences=2,
+                calibration=calibration_text()[:40_000] + calibration_text()[40_000:80_000])
+    q = _manifest(out)["graph"]["quantization"]
+    assert q["calibration"]["heldout_check"]["in_heldout"] == 0
+    assert q["calibration"]["text"].startswith("a given text (80,000 characters, sha256 ")
+
+
+def test_calibration_text_too_short_for_the_method_is_refused_with_the_fix(llama, tmp_path):
+    from jishi.distill.prune import calibration_batches
+    from jishi.pipeline import build
+
+    short = "Plants need water and light. " * 20
+    n = len(llama.runtime_tokenizer().encode(short, bos=False))
+    with pytest.raises(JishiError, match=rf"the calibration text has {n} tokens, fewer than the 4 sequences of 128 tokens "
+                                         r"\(512 tokens\) calibration needs: give a longer calibration file "
+                                         r"\(--calibration FILE\) or ask for fewer sequences \(--calibration-sequences N\)"):
+        build(llama, "int4", tmp_path / "x", context=128, quiet=True, calibration=short, calibration_sequences=4)
+    assert len(calibration_batches(llama.runtime_tokenizer(), 1, n, text=short)) == 1  # exactly enough is enough
+    with pytest.raises(JishiError, match="ask for fewer or shorter calibration sequences"):
+        calibration_batches(llama.runtime_tokenizer(), 100_000, 256)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizers(tiny_tokenizer):
+    """Byte-level BPE tokenizers that differ from the tiny models' one: a smaller vocabulary, and one of the same
+    size trained on other text (the same special tokens, other ids for most tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from jishi.heldout import HELDOUT_CHARS, _topics_text
+
+    def train(size, text):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator([text], trainers.BpeTrainer(
+            vocab_size=size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        return tok
+
+    text = _topics_text()
+    return {"smaller": (train(320, text[HELDOUT_CHARS:HELDOUT_CHARS + 60_000]), 320),
+            "other ids": (train(384, text[-60_000:]), 384)}
+
+
+@pytest.mark.parametrize("kind,why", [("smaller", r"a vocabulary of 320 tokens against 384"),
+                                      ("other ids", r"[\d,]+ of 384 tokens have other ids \(e.g. '.+': \d+ against \d+\)")])
+def test_a_student_with_another_tokenizer_than_its_teacher_is_refused(kind, why, other_tokenizers, tiny_dirs, tmp_path):
+    from conftest import make_tiny
+
+    from jishi.evaluation import evaluate_models
+    from jishi.pipeline import build
+
+    tok, vocab = other_tokenizers[kind]
+    student = make_tiny("llama", tmp_path / "student", tok, vocab_size=vocab)
+    teacher = str(tiny_dirs["llama"])
+    with pytest.raises(BaseModelError, match=rf"student does not share its teacher {teacher}'s tokenizer \({why}\), so the "
+                                             r"two cannot be compared token by token: pass the model it was distilled "
+                                             r"from as the teacher \(--teacher\)"):
+        build(str(student), "int8", tmp_path / "x", context=64, quiet=True, teacher=teacher)
+    # without a teacher to measure against, it builds
+    build(str(student), "int8", tmp_path / "alone", context=64, quiet=True)
+    with pytest.raises(JishiError, match=r"alone does not share the teacher llama's tokenizer \(.+\), so the two cannot be "
+                                         r"compared token by token: pass the model it was distilled from as --teacher"):
+        evaluate_models([str(tmp_path / "alone")], teacher, max_windows=1, decode_tokens=0, quiet=True)
+
+
+def test_continuing_a_student_against_a_teacher_of_another_tokenizer_is_refused(other_tokenizers, tiny_dirs, tmp_path):
+    import shutil
+
+    from conftest import make_tiny
+
+    from jishi.distill.student import RECORD, DistillOptions, distill
+
+    tok, vocab = other_tokenizers["other ids"]
+    student = make_tiny("llama", tmp_path / "student", tok, vocab_size=vocab)
+    (student / RECORD).write_text(json.dumps({"teacher": {"layers": 2}, "plan": {"layers": [0, 1], "method": "even"}}))
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_dirs["llama"], teacher)
+    with pytest.raises(BaseModelError, match=r"student does not share the teacher teacher's tokenizer \(.+ tokens have "
+                                             r"other ids .+\): distillation matches them token by token, so pass the "
+                                             r"teacher it was distilled from as --base"):
+        distill(str(teacher), tmp_path / "again", DistillOptions(init=str(student)), quiet=True)
