@@ -12,10 +12,12 @@ only one layer's Hessians are in memory (a 1.5B model's down_proj Hessian alone 
 Methods (int4 codes; every one writes the same block grid, so nothing changes at run time):
 
 - ``rtn``: round to nearest on each block's min/max grid (no calibration);
-- ``gptq``: GPTQ, by activation order with static groups unless ``act_order=False``;
+- ``gptq``: GPTQ, in input order, or by activation order with static groups (``act_order=True``);
 - ``awq``: input scales searched per layer and folded into the norms, then round to nearest;
 - ``awq-gptq``: the scales, then GPTQ on the scaled weights (with the inputs' Hessian scaled
-  to match).
+  to match). ``α`` is searched with rounding (one GPTQ per ``α`` would cost the grid's size in
+  GPTQ runs); GPTQ then runs with that ``α`` and with none, and the one whose output moves less
+  is kept, so on the calibration inputs it is never worse than GPTQ alone.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class InputStats:
 class Calibrated:
     codes: dict[str, QuantizedWeight]  # int4 codes by weight name (Llama layout)
     norms: dict[str, np.ndarray] = field(default_factory=dict)  # norm weights the scaling changed, by name
+    scales: dict[str, np.ndarray] = field(default_factory=dict)  # the input scales folded into each of those norms
     record: dict = field(default_factory=dict)  # what was done, for the manifest
 
 
@@ -130,6 +133,35 @@ def layer_statistics(model, batches):
             yield i, {key: InputStats((h / n).numpy(), (a / n).numpy(), n) for key, (h, a, n) in sums.items()}
 
 
+def quantize_group(w: np.ndarray, stats: InputStats, method: str, bits: int = 4, block: int = 32, damp: float = DAMP,
+                   act_order: bool = ACT_ORDER, alphas=None, scalable: bool = True):
+    """The codes of ``w`` (the rows of every weight that reads one input, n × k) by ``method``, given that input's
+    statistics: ``(QuantizedWeight, s, α)``, the codes in the basis of the inputs divided by ``s`` (None and None
+    when nothing is scaled: a method without AWQ, or an input with no norm to fold scales into)."""
+    from jishi.export import awq
+
+    use_gptq, use_awq = method in ("gptq", "awq-gptq"), method in ("awq", "awq-gptq")
+
+    def quantize(ws: np.ndarray, hs: np.ndarray) -> QuantizedWeight:
+        if use_gptq:
+            return gptq_quantize(ws, hs, bits, block, damp=damp, act_order=act_order)
+        return quantize_asymmetric(ws, bits, block, correct=True)
+
+    H = stats.hessian
+    if not (use_awq and scalable):
+        return quantize(w, H), None, None
+    rtn = lambda ws, hs: quantize_asymmetric(ws, bits, block, correct=True).dequantize()  # noqa: E731
+    _, alpha, _ = awq.search(w, H, stats.mean_abs, rtn, tuple(awq.ALPHAS if alphas is None else alphas))
+    best = None
+    for a in sorted({0.0, alpha}) if use_gptq else [alpha]:
+        s = awq.channel_scales(stats.mean_abs, a)
+        qw = quantize((w * s).astype(np.float32), H / np.outer(s, s))
+        err = hessian_error(qw.dequantize() / s, w, H)
+        if best is None or err < best[0]:
+            best = (err, qw, s, a)
+    return best[1], best[2], best[3]
+
+
 def calibrate(model, cfg, weights: dict[str, np.ndarray], batches, method: str = "gptq", bits: int = 4, block: int = 32,
               damp: float = DAMP, act_order: bool = ACT_ORDER, alphas=None, progress=None) -> Calibrated:
     """int4 codes for every block projection of ``model`` (``weights``: its numpy weights in the Llama layout,
@@ -141,14 +173,6 @@ def calibrate(model, cfg, weights: dict[str, np.ndarray], batches, method: str =
         raise ValueError(f"unknown int4 method {method!r}; one of {', '.join(METHODS)}")
     feats = features_of(cfg)
     norm_before = {"attn_in": "input_layernorm", "mlp_in": feats.pre_mlp_norm}
-    use_gptq, use_awq = method in ("gptq", "awq-gptq"), method in ("awq", "awq-gptq")
-    alphas = tuple(awq.ALPHAS if alphas is None else alphas)
-
-    def quantize(w: np.ndarray, hessian: np.ndarray) -> QuantizedWeight:
-        if use_gptq:
-            return gptq_quantize(w, hessian, bits, block, damp=damp, act_order=act_order)
-        return quantize_asymmetric(w, bits, block, correct=True)
-
     out = Calibrated({})
     chosen: dict[str, list] = {"attn_in": [], "mlp_in": []}
     errors = []
@@ -156,22 +180,16 @@ def calibrate(model, cfg, weights: dict[str, np.ndarray], batches, method: str =
         p = f"model.layers.{i}."
         for key, readers in READERS.items():
             names = [f"{p}{r}.weight" for r in readers]
-            st = stats[key]
             parts = [weights[n] for n in names]
             w = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-            hessian = st.hessian
-            s = None
-            if use_awq and key in norm_before:
-                s, alpha, _ = awq.search(w, hessian, st.mean_abs, lambda ws, hs: quantize(ws, hs).dequantize(), alphas)
+            qw, s, alpha = quantize_group(w, stats[key], method, bits, block, damp, act_order, alphas,
+                                          scalable=key in norm_before)
+            if s is not None:
                 chosen[key].append(alpha)
                 norm = f"{p}{norm_before[key]}.weight"
                 out.norms[norm] = awq.fold_into_norm(weights[norm], s, feats.norm_offset)
-                w_q, hessian = (w * s).astype(np.float32), hessian / np.outer(s, s)
-            else:
-                w_q = w
-            qw = quantize(w_q, hessian)
-            w_hat = qw.dequantize() if s is None else qw.dequantize() / s
-            errors.append(hessian_error(w_hat, w, st.hessian))
+                out.scales[norm] = s
+            errors.append(hessian_error(qw.dequantize() if s is None else qw.dequantize() / s, w, stats[key].hessian))
             start = 0
             for name, part in zip(names, parts):
                 out.codes[name] = take_rows(qw, start, start + part.shape[0]) if len(parts) > 1 else qw
@@ -179,8 +197,8 @@ def calibrate(model, cfg, weights: dict[str, np.ndarray], batches, method: str =
             if progress:
                 progress(len(names))
     out.record = {"output_error": round(float(np.mean(errors)), 5)}
-    if use_gptq:
+    if method in ("gptq", "awq-gptq"):
         out.record.update(damp=damp, act_order=act_order)
-    if use_awq:
+    if method in ("awq", "awq-gptq"):
         out.record["awq_alpha"] = {"attn_in": chosen["attn_in"], "mlp_in": chosen["mlp_in"]}
     return out

@@ -50,8 +50,8 @@ def build(
     bundles from one load). ``context`` defaults to min(2048, the model's positions). ``quant`` defaults to
     ``gguf`` for a GGUF base (every tensor kept on its own grid, 4- or 8-bit, see ``jishi.export.gguf_formats``)
     and to ``int4`` otherwise. ``method`` (int4 only) is how the int4 codes are found: ``rtn``
-    (round to nearest), ``gptq`` (GPTQ on calibration text, by activation order unless
-    ``act_order=False``; ``damp`` its damping), ``awq`` (activation-aware scales folded into the
+    (round to nearest), ``gptq`` (GPTQ on calibration text, in input order unless
+    ``act_order=True``; ``damp`` its damping), ``awq`` (activation-aware scales folded into the
     norms, then rounding) or ``awq-gptq``; None picks by where the weights come from
     (``default_method``): a GGUF base keeps its own 4-bit grid, a QAT student its trained grid,
     any other weights (a student, a Hugging Face directory, a merged adapter) get ``gptq``.
@@ -250,7 +250,8 @@ def build(
             if calibration_record:
                 evaluation["calibration_check"] = calibration_record["heldout_check"]
             if quant == "int4":
-                evaluation["int4_check"] = _int4_check(evaluation, recipe, say)
+                evaluation["int4_check"] = _int4_check(evaluation, recipe, say,
+                                                       student=_distill_record(base_model.source) is not None)
             manifest = replace(manifest, evaluation=evaluation)
             write_manifest(staging, manifest)
         publish(staging, target)
@@ -323,7 +324,7 @@ def _calibrate(base, cfg, weights: dict, method: str, block: int, damp: float, a
                        "tokens_per_sequence": seq_len, "heldout_check": check, **cal.record}
 
 
-def _int4_check(evaluation: dict, recipe, say) -> dict:
+def _int4_check(evaluation: dict, recipe, say, student: bool = False) -> dict:
     """The int4 bundle's measured cost against ``INT4_BOUND``, said, and what to do beyond it."""
     ratio = evaluation["perplexity"] / evaluation["reference_perplexity"]
     out = {"bound": INT4_BOUND, "perplexity_ratio": round(ratio, 4), "within": bool(ratio <= INT4_BOUND)}
@@ -333,8 +334,8 @@ def _int4_check(evaluation: dict, recipe, say) -> dict:
     if out["within"]:
         say(f"{said}: within the +{100 * (INT4_BOUND - 1):.0f}% bound")
     else:
-        out["advice"] = ("rebuild with --quant int8: 8-bit blocks keep such weights within about 1% (a larger bundle); "
-                         "for a student, --qat training gets int4 closer")
+        out["advice"] = ("rebuild with --quant int8: 8-bit blocks keep such weights within about 1% (a larger bundle)"
+                         + ("; or train the student on the int4 grid (jishi distill --init STUDENT --qat)" if student else ""))
         say(f"warning: {said}, beyond the +{100 * (INT4_BOUND - 1):.0f}% bound for int4: {out['advice']}")
     return out
 

@@ -31,9 +31,9 @@ def register(sub) -> None:
                    help="calibration sequences of 256 tokens (default 16)")
     b.add_argument("--damp", type=float,
                    help="GPTQ damping: this fraction of the mean Hessian diagonal is added to it (default 0.01)")
-    b.add_argument("--no-act-order", dest="act_order", action="store_false", default=None,
-                   help="GPTQ in input order, each block's grid from its weights as GPTQ reaches them, instead of by "
-                        "activation order with every block's grid fixed up front")
+    b.add_argument("--act-order", action="store_true", default=None,
+                   help="GPTQ by activation order (the loudest inputs first), every block's grid fixed up front from "
+                        "the original weights, instead of in input order with each block's grid chosen as GPTQ reaches it")
     b.add_argument("--block", type=int, default=32, help="int4/int8 block size along the input (16, 32, 64, 128; default 32)")
     b.add_argument("--head", choices=["int8", "int4"], default="int8",
                    help="int4/int8 bundles: bits of the embedding table and LM head (default int8, which keeps a Q8_0 "
