@@ -191,8 +191,9 @@ class Bench:
         out = self.work / "bundles" / label
         shutil.rmtree(out, ignore_errors=True)
         base = self.teacher if directory is None else directory
-        q, calibrated = ("int4", True) if quant == "int4-gptq" else (quant, False)
-        build(base, q, out, context=2048, evaluate=False, calibrated=calibrated)
+        # "int4" is round-to-nearest here (the row it has always been); a teacher GGUF keeps its grid either way
+        q, method = {"int4-gptq": ("int4", "gptq"), "int4": ("int4", None if directory is None else "rtn")}.get(quant, (quant, None))
+        build(base, q, out, context=2048, evaluate=False, method=method)
         return {"bundle": str(out)}
 
     def speed(self, bundle: str) -> dict:

@@ -131,8 +131,14 @@ BUILD_BYTES_PER_TOKEN = 4096
 BUILD_WINDOW = 512
 
 
-def build_memory(model: ModelShape, quant: str, gguf: bool = True, evaluate: bool = True) -> int:
-    """Peak memory (bytes) that building ``model`` at ``quant`` takes (``gguf``: from a GGUF file)."""
+CALIBRATION_TOKENS = 16 * 256  # the build's default calibration (sequences × tokens)
+
+
+def build_memory(model: ModelShape, quant: str, gguf: bool = True, evaluate: bool = True,
+                 calibrated: bool = False) -> int:
+    """Peak memory (bytes) that building ``model`` at ``quant`` takes (``gguf``: from a GGUF file;
+    ``calibrated``: int4 codes calibrated on text, layer by layer: one layer's float64 Hessians, their
+    running sums, GPTQ's working copies of the widest weight group and the calibration hidden states)."""
     q = "int8" if quant == "gguf" else quant  # a GGUF's own grids cost at most int8's bytes
     params = model.linear_params + model.embedding_params * (1 if model.tied else 2)
     fp32 = 4 * params
@@ -142,4 +148,10 @@ def build_memory(model: ModelShape, quant: str, gguf: bool = True, evaluate: boo
     load = fp32 + 3 * largest if gguf else 2 * fp32
     write = fp32 + bundle + largest
     measure = (2 * bundle + logits + (0 if gguf else fp32)) if evaluate else 0
-    return int(BUILD_IMPORTS + model.vocab * BUILD_BYTES_PER_TOKEN + max(load, write, measure))
+    calibrate = 0
+    if calibrated:
+        h, a, i = model.hidden, model.heads * model.head_dim, model.intermediate
+        hessians = 8 * (2 * h * h + a * a + i * i)
+        group = max((a + 2 * model.kv_heads * model.head_dim) * h, 2 * i * h, h * i)
+        calibrate = fp32 + bundle + 2 * hessians + 8 * 4 * group + 2 * 4 * CALIBRATION_TOKENS * max(h, i)
+    return int(BUILD_IMPORTS + model.vocab * BUILD_BYTES_PER_TOKEN + max(load, write, measure, calibrate))

@@ -453,3 +453,25 @@ def load_config_only(spec) -> "object":
         vocab=vocab,
         tied="output.weight" not in {t.name for t in reader.tensors},
     )
+
+
+def tokenizer_difference(a, b, probe: str | None = None) -> str | None:
+    """Why two transformers tokenizers do not turn text into the same token ids, in words (None when they do):
+    their vocabularies (each token's id) and their ids for a probe text (default: the held-out text's start)."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if len(va) != len(vb):
+        return f"{len(va):,} tokens against {len(vb):,}"
+    moved = [t for t, i in va.items() if vb.get(t) != i]
+    if moved:
+        t = min(moved, key=va.get)
+        return f"{len(moved):,} of {len(va):,} tokens have other ids (e.g. {t!r}: {va[t]} against {vb.get(t)})"
+    if probe is None:
+        from jishi.heldout import heldout_text
+
+        probe = heldout_text()[:2000]
+    ia = a.encode(probe, add_special_tokens=False)
+    ib = b.encode(probe, add_special_tokens=False)
+    if ia != ib:
+        at = next((j for j, (x, y) in enumerate(zip(ia, ib)) if x != y), min(len(ia), len(ib)))
+        return f"the same vocabulary splits text differently ({len(ia)} against {len(ib)} tokens, first apart at token {at})"
+    return None

@@ -306,13 +306,16 @@ def build_student(teacher, plan: StudentPlan):
     return student
 
 
-def calibration_batches(tokenizer, count: int = 4, seq_len: int = 256, offset: int = 0):
-    """``count`` sequences of ``seq_len`` tokens of the calibration text (after the held-out part)."""
+def calibration_batches(tokenizer, count: int = 4, seq_len: int = 256, offset: int = 0, text: str | None = None):
+    """``count`` sequences of ``seq_len`` tokens of the calibration text (default: the text after the held-out
+    part, ``jishi.heldout.calibration_text``), after skipping ``offset`` sequences. A text too short for them
+    is a JishiError that says what to change."""
     import torch
 
     from jishi.heldout import calibration_text
 
-    text = calibration_text()
+    given = text is not None
+    text = calibration_text() if text is None else text
     # Tokenize only what is needed: about 4 characters per token, with a margin.
     need = (offset + count) * seq_len
     chars = max(4 * need, 20_000)
@@ -320,11 +323,16 @@ def calibration_batches(tokenizer, count: int = 4, seq_len: int = 256, offset: i
     while len(ids) < need and chars < len(text):
         chars *= 2
         ids = tokenizer.encode(text[:chars], bos=False)
-    rows = [ids[i * seq_len:(i + 1) * seq_len] for i in range(offset, offset + count)]
-    rows = [r for r in rows if len(r) == seq_len]
-    if not rows:
-        raise JishiError("the calibration text is too short for one sequence")
-    return [torch.tensor([r]) for r in rows]
+    if count < 1 or seq_len < 1:
+        raise JishiError(f"calibration needs at least one sequence of at least one token (asked for {count} of {seq_len})")
+    if len(ids) < need:
+        have = max(len(ids) - offset * seq_len, 0)
+        raise JishiError(
+            f"the calibration text has {have} tokens, fewer than the {count} sequences of {seq_len} tokens "
+            f"({count * seq_len} tokens) calibration needs: "
+            + ("give a longer calibration file (--calibration FILE) or ask for fewer sequences (--calibration-sequences N)"
+               if given else "ask for fewer or shorter calibration sequences"))
+    return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]]) for i in range(offset, offset + count)]
 
 
 def describe_plan(plan: StudentPlan, total: int) -> str:

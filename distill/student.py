@@ -72,7 +72,7 @@ def distill(base, output: str | Path, options: DistillOptions, config=None, quie
 
         plan_file = work / "plan.json"
         if options.init:
-            plan, start = _plan_of_student(options.init, total)
+            plan, start = _plan_of_student(options.init, loaded)
         elif options.resume and plan_file.is_file():
             plan = StudentPlan.from_dict(json.loads(plan_file.read_text()))
         else:
@@ -147,19 +147,29 @@ def distill(base, output: str | Path, options: DistillOptions, config=None, quie
             td.destroy_process_group()
 
 
-def _plan_of_student(path, teacher_layers: int):
-    """The plan recorded by a student directory, and its model (to continue training it)."""
-    from jishi.distill.base import load_base
+def _plan_of_student(path, teacher):
+    """The plan recorded by a student directory, and its model (to continue training it against ``teacher``,
+    a LoadedBase, which must be the kind it was distilled from: as many layers, the same tokenizer)."""
+    from jishi.distill.base import load_base, tokenizer_difference
     from jishi.distill.prune import StudentPlan
 
+    teacher_layers = teacher.model.config.num_hidden_layers
     rec = read_record(Path(path))
     if rec is None:
         raise JishiError(f"{path} is not a student written by jishi distill (no {RECORD}); pass --layers instead of --init")
     if rec["teacher"]["layers"] != teacher_layers:
         raise JishiError(f"{path} was distilled from a teacher with {rec['teacher']['layers']} layers, not this one "
                          f"({teacher_layers}); pass its teacher as --base")
-    model = load_base(str(path)).model
-    return StudentPlan.from_dict(rec["plan"]), model
+    student = load_base(str(path))
+    mine, theirs = student.model.config.vocab_size, teacher.model.config.vocab_size
+    why = (f"a vocabulary of {mine:,} tokens against {theirs:,}" if mine != theirs
+           else tokenizer_difference(student.tokenizer, teacher.tokenizer))
+    if why:
+        from jishi.errors import BaseModelError
+
+        raise BaseModelError(f"{path} does not share the teacher {teacher.name}'s tokenizer ({why}): distillation "
+                             "matches them token by token, so pass the teacher it was distilled from as --base")
+    return StudentPlan.from_dict(rec["plan"]), student.model
 
 
 def _rank():

@@ -56,8 +56,12 @@ class QuantRecipe:
     accuracy_level: int = 4  # MatMulNBits: int8 activations (fastest on CPU)
     zero_point_correction: bool = True  # int4: keep float block minima exactly
     merge_points: bool = False  # LoRA inputs on every fused projection (see _Linear)
-    method: str = "rtn"  # int4 codes: "rtn" (round to nearest on each block's min/max grid) or "gptq" (calibrated)
+    # How the codes were found: "grid" (a GGUF's own), "rtn" (round to nearest on each block's min/max grid),
+    # or a calibrated method of jishi.export.calibrate ("gptq", "awq", "awq-gptq"); a label only: the codes
+    # arrive in build_decoder's ``prequantized``
+    method: str = "rtn"
     head_bits: int = 8  # int4/int8: the embedding table and LM head (one copy of the codes when they are tied)
+    reason: str = ""  # why this method (the manifest's ``method_reason``)
 
     def as_dict(self) -> dict:
         d = {"name": self.name}
@@ -68,8 +72,10 @@ class QuantRecipe:
             d.update(block=self.block, accuracy_level=self.accuracy_level, lm_head=head, embedding=head)
             if self.name == "int4":
                 d["zero_point_correction"] = self.zero_point_correction
-                if self.method != "rtn":
-                    d["method"] = self.method
+        if self.name in ("gguf", "int4", "int8"):
+            d["method"] = self.method
+            if self.reason:
+                d["method_reason"] = self.reason
         return d
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from jishi.runtime.settings import for_this_machine
 
 
-_FORMAT_KEYS = ("formats", "forms", "requantized")
+_FORMAT_KEYS = ("formats", "forms", "requantized", "method_reason", "calibration")  # shown on rows of their own
 
 
 def _formats(q: dict) -> list[tuple[str, str]]:
@@ -47,6 +47,11 @@ def describe(bundle) -> str:
                          if m.merge_points else "none (built with --no-merge-points)"),
         ("adapters", ", ".join(a["name"] + (" (delivered)" if a.get("delivered") else "") for a in m.adapters) or "none"),
     ]
+    if q.get("method_reason"):
+        rows.append(("codes", f"{q.get('method')}: {q['method_reason']}"))
+    cal = q.get("calibration")
+    if cal:
+        rows.append(("calibrated on", cal.get("text", "?")))
     rows += _formats(q)
     d = m.provenance.get("distilled")
     if d:
@@ -64,6 +69,9 @@ def describe(bundle) -> str:
                                 f"{100 * (ev['perplexity'] / ev['reference_perplexity'] - 1):+.1f}%), "
                                 f"top-1 agreement {100 * ev['top1_agreement']:.1f}%"))
         rows.append(("measured on", ev["heldout"]))
+        check = ev.get("int4_check")
+        if check and not check.get("within", True):
+            rows.append(("warning", f"int4 costs more than +{100 * (check['bound'] - 1):.0f}% perplexity here: {check['advice']}"))
         vt = ev.get("teacher")
         if vt:
             rows.append(("vs teacher", f"{vt['name']}: perplexity {vt['student_perplexity']:.2f} against its "

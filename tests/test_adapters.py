@@ -111,7 +111,7 @@ def test_int4_with_an_adapter_is_its_quantized_weights_plus_the_adapter(adapted,
 
     bundles, models, root = adapted
     b = build(str(tiny_dirs["llama"]), "int4", tmp_path / "int4-exact", context=128, evaluate=False, quiet=True,
-              accuracy_level=0, merge_points=True)
+              accuracy_level=0, merge_points=True, method="rtn")
     add_adapter(b, "alpha", root / "alpha")
     ref = models["alpha"]
     with torch.no_grad():

@@ -391,7 +391,8 @@ def test_calibrated_build_uses_the_gptq_codes(tiny_dirs, tmp_path):
     base = load_base(str(tiny_dirs["llama"]))
     gptq_dir = build(base, "int4", tmp_path / "gptq", context=128, evaluate=False, quiet=True, calibrated=True,
                      accuracy_level=0, calibration_sequences=4)
-    rtn_dir = build(base, "int4", tmp_path / "rtn", context=128, evaluate=False, quiet=True, accuracy_level=0)
+    rtn_dir = build(base, "int4", tmp_path / "rtn", context=128, evaluate=False, quiet=True, accuracy_level=0,
+                    method="rtn")
     m = jishi.load(gptq_dir)
     assert m.manifest.graph.quantization["method"] == "gptq"
     assert "calibration" in m.manifest.provenance
@@ -470,6 +471,8 @@ def test_qat_student_exports_exactly_onto_the_int4_grid(teacher_dir, calib_file,
     from jishi.export.quant import quantize_symmetric_int8
 
     b4 = build(student, "int4", tmp_path / "q4", context=128, evaluate=False, quiet=True, accuracy_level=0)
+    q = jishi.load(b4).manifest.graph.quantization  # the default for a QAT student: its own grid, rounded to
+    assert q["method"] == "rtn" and q["method_reason"].startswith("a student trained on this int4 grid (QAT, block 32)")
     ids = _heldout(teacher, 48, 1)[0]
     l4 = jishi.load(b4).engine.feed(ids, all_logits=True)
     # The int4 bundle's embedding / LM head are 8-bit blocks; its projections are the student's own weights.
@@ -542,6 +545,8 @@ def test_cli_distill_build_eval(teacher_dir, tmp_path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["config"]["num_layers"] == 3
     assert manifest["provenance"]["distilled"]["plan"]["layers"] == rec["plan"]["layers"]
+    assert manifest["graph"]["quantization"]["method"] == "gptq"  # a student's weights are on no 4-bit grid
+    assert "int4 by GPTQ: a distilled student's weights lie on no 4-bit grid" in done.stderr
 
     done = _cli("eval", str(bundle), "--compare", str(student), "--window", "64", "--max-windows", "2",
                 "--decode-tokens", "8", "--threads", "1")  # the teacher is found from the student's record
@@ -549,7 +554,7 @@ def test_cli_distill_build_eval(teacher_dir, tmp_path):
     lines = done.stdout.splitlines()
     assert "perplexity" in lines[2] and "KL vs teacher" in lines[2]
     rows = [line.split() for line in lines[4:]]
-    assert [r[0] for r in rows] == ["student-int4", "student"] and rows[0][2] == "int4" and rows[1][2] == "fp32"
+    assert [r[0] for r in rows] == ["student-int4", "student"] and rows[0][2] == "int4-gptq" and rows[1][2] == "fp32"
     done = _cli("eval", str(teacher_dir), "--teacher", str(teacher_dir), "--window", "64", "--max-windows", "1",
                 "--decode-tokens", "0", "--json")
     figures = json.loads(done.stdout)["models"][0]

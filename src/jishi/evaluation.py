@@ -60,13 +60,16 @@ class _Bundle:
         c = m.config
         self.label = path.name
         self.kind, self.quant = "bundle", m.graph.quantization.get("name", "?")
-        if m.graph.quantization.get("method"):
+        if self.quant == "int4" and m.graph.quantization.get("method"):
             self.quant += "-" + m.graph.quantization["method"]
         self.layers = c.num_layers
         self.params = _params_of(c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
         self.size = self.model.bundle.size if hasattr(self.model, "bundle") else sum(f.size for f in m.files.values())
         self.vocab = c.vocab_size
         self.context = self.model.context
+
+    def tokenizer(self):
+        return self.model.tokenizer
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.model.engine.reset()
@@ -102,6 +105,9 @@ class _Torch:
         self.size = src.stat().st_size if src.is_file() else sum(p.stat().st_size for p in src.glob("*.safetensors"))
         self.vocab = cfg.vocab_size
         self.context = getattr(cfg, "max_position_embeddings", 2048)
+
+    def tokenizer(self):
+        return self.loaded.runtime_tokenizer()
 
     def logits(self, ids: list[int]) -> np.ndarray:
         import torch
@@ -175,11 +181,18 @@ def evaluate_models(specs: list[str], teacher: str | None = None, text: str | No
     else:
         t = _Torch(teacher or teacher_loaded.source, loaded=teacher_loaded)
     models = [open_model(s, threads) for s in specs]
-    for m in models:
-        if m.vocab != t.vocab:
-            raise JishiError(f"{m.label} has a vocabulary of {m.vocab} tokens, the teacher {t.vocab}: "
-                             "they cannot be compared token by token")
     tok = t.loaded.runtime_tokenizer()
+    probe = heldout_text()[:2000]
+    for m in models:
+        why = None
+        if m.vocab != t.vocab:
+            why = f"a vocabulary of {m.vocab:,} tokens against {t.vocab:,}"
+        elif m.tokenizer().encode(probe, bos=False) != tok.encode(probe, bos=False):
+            why = "other token ids for the same text"
+        if why:
+            raise JishiError(f"{m.label} does not share the teacher {t.label}'s tokenizer ({why}), so the two cannot be "
+                             "compared token by token: pass the model it was distilled from as --teacher, or compare "
+                             "it with models of its own tokenizer")
     ids = tok.encode(heldout_text() if text is None else text, bos=False)
     size = min([window] + [m.context for m in models])
     wins = windows(ids, size)[:max_windows]

@@ -39,3 +39,39 @@ def calibration_text() -> str:
 def windows(ids: list[int], size: int = WINDOW) -> list[list[int]]:
     """Non-overlapping windows of ``size`` tokens; the last, partial one is dropped."""
     return [ids[i:i + size] for i in range(0, len(ids) - size + 1, size)]
+
+
+OVERLAP_CHARS = 80  # a calibration text may share no passage this long with the held-out text
+_MIN_WORDY = 16  # ... counting only passages with at least this many letters or digits (not rules of "****")
+
+
+@functools.lru_cache(maxsize=2)
+def _heldout_passages(size: int) -> frozenset:
+    held = heldout_text()
+    return frozenset(held[i:i + size] for i in range(len(held) - size + 1))
+
+
+def heldout_overlap(text: str, size: int = OVERLAP_CHARS) -> dict:
+    """Every ``size``-character window of ``text`` (at every offset) looked up in the held-out text: how many
+    were checked, how many occur there, how many separate passages they make and the first of them."""
+    seen = _heldout_passages(size)
+    hits = [i for i in range(len(text) - size + 1) if text[i:i + size] in seen
+            and sum(c.isalnum() for c in text[i:i + size]) >= _MIN_WORDY]
+    passages = sum(1 for j, i in enumerate(hits) if j == 0 or hits[j - 1] != i - 1)
+    return {"window_chars": size, "windows": max(len(text) - size + 1, 0), "in_heldout": len(hits),
+            "passages": passages, "first": text[hits[0]:hits[0] + size] if hits else None}
+
+
+def check_calibration(text: str, where: str = "the calibration text") -> dict:
+    """The overlap check of a calibration text against the held-out text; a JishiError when they share a passage
+    (the held-out figures of a model calibrated on it would flatter it)."""
+    from jishi.errors import JishiError
+
+    found = heldout_overlap(text)
+    if found["in_heldout"]:
+        raise JishiError(
+            f"{where} holds {found['passages']} passage(s) of the held-out evaluation text (pydoc_data.topics, first "
+            f"{HELDOUT_CHARS:,} characters), e.g. {found['first']!r}: the quality measured on it would flatter a model "
+            "calibrated on it. Remove those passages, or calibrate on the built-in text (leave --calibration out), "
+            "which is free of them")
+    return {k: found[k] for k in ("window_chars", "windows", "in_heldout")}

@@ -35,6 +35,10 @@ def build(
     block: int = 32,
     calibration_sequences: int = 16,
     teacher=None,
+    method: str | None = None,
+    damp: float | None = None,
+    act_order: bool | None = None,
+    calibration: str | None = None,
     head_bits: int = 8,
     chat_template: str | None = None,
     check_memory: bool = True,
@@ -45,9 +49,16 @@ def build(
     already loaded with ``jishi.distill.base.load_base`` (to build several
     bundles from one load). ``context`` defaults to min(2048, the model's positions). ``quant`` defaults to
     ``gguf`` for a GGUF base (every tensor kept on its own grid, 4- or 8-bit, see ``jishi.export.gguf_formats``)
-    and to ``int4`` otherwise. ``calibrated`` (int4 only) finds the int4 codes with GPTQ on
-    calibration text (the part of pydoc_data.topics after the held-out text) instead of
-    rounding to nearest; ``block`` is the int4/int8 block size; ``head_bits`` (8 or 4) the
+    and to ``int4`` otherwise. ``method`` (int4 only) is how the int4 codes are found: ``rtn``
+    (round to nearest), ``gptq`` (GPTQ on calibration text, in input order unless
+    ``act_order=True``; ``damp`` its damping), ``awq`` (activation-aware scales folded into the
+    norms, then rounding) or ``awq-gptq``; None picks by where the weights come from
+    (``default_method``): a GGUF base keeps its own 4-bit grid, a QAT student its trained grid,
+    any other weights (a student, a Hugging Face directory, a merged adapter) get ``gptq``.
+    ``calibrated=True`` is ``method="gptq"``. Calibration runs on ``calibration`` (text; default
+    the part of pydoc_data.topics after the held-out text), ``calibration_sequences`` sequences of
+    min(256, context) tokens; a text that shares a passage with the held-out text is refused.
+    ``block`` is the int4/int8 block size; ``head_bits`` (8 or 4) the
     embedding table's and LM head's. ``chat_template`` (Jinja text) is stored in the bundle in place of the
     base's own (a pretrained base such as Gemma 3 270M has none). ``check_memory`` refuses, before
     loading anything, a build that needs more memory than this machine has available (DeviceFitError). ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
@@ -67,10 +78,28 @@ def build(
     from jishi.runtime.adapters import TARGETS
     from jishi.runtime.manifest import GraphInfo, Manifest
 
+    from jishi.export.calibrate import CALIBRATED, METHODS
+
     if quant is not None and quant not in QUANTS:
         raise JishiError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
     if calibrated and quant not in ("int4", None):
         raise JishiError(f"--calibrated applies to int4 only (asked for {quant})")
+    if calibrated:
+        if method not in (None, "gptq"):
+            raise JishiError(f"--calibrated means --method gptq, and --method {method} was asked for: give one of them")
+        method = "gptq"
+    if method is not None and method not in METHODS:
+        raise JishiError(f"unknown int4 method {method!r}; choose one of {', '.join(METHODS)}")
+    if method is not None and quant not in ("int4", None):
+        raise JishiError(f"--method {method} applies to int4 only (asked for {quant})")
+    from jishi.export.gptq import ACT_ORDER, DAMP
+
+    damp = DAMP if damp is None else damp
+    act_order = ACT_ORDER if act_order is None else act_order
+    if not 0 < damp < 1:
+        raise JishiError(f"the GPTQ damping is a fraction of the Hessian's mean diagonal, above 0 and below 1 (not {damp})")
+    if calibration is not None and not isinstance(calibration, str):
+        raise JishiError("the calibration text must be text (str)")
     if head_bits not in (4, 8):
         raise JishiError(f"the embedding / LM head is stored at 8 or 4 bits, not {head_bits}")
     if head_bits != 8 and quant not in ("int4", "int8", None):
@@ -87,7 +116,8 @@ def build(
         base_model = base
     else:
         if check_memory:
-            check_build_memory(base, quant, evaluate)
+            check_build_memory(base, quant, evaluate, calibrated=method in CALIBRATED or (
+                method is None and quant in (None, "int4")))
         say("Loading the base model…")
         base_model = load_base(base)
     merged = None
@@ -99,12 +129,14 @@ def build(
         base_model, merged = merged_base(base_model, *merge)
     from_gguf_file = Path(base_model.source).suffix.lower() == ".gguf" and Path(base_model.source).is_file()
     if quant is None:
-        quant = "gguf" if from_gguf_file and merged is None and not calibrated and head_bits == 8 else "int4"
+        quant = "gguf" if from_gguf_file and merged is None and method is None and head_bits == 8 else "int4"
     if quant == "gguf" and not from_gguf_file:
         raise JishiError(f"--quant gguf keeps a GGUF file's own grids, and {base_model.source} is not a GGUF file; "
                          "use --quant int4 (or int8, fp16, fp32)")
     if quant == "gguf" and merged is not None:
         raise JishiError("a merged adapter moves the weights off the GGUF's grids: build it with --quant int4 or int8")
+    if evaluate:
+        _check_teacher_tokenizer(base_model, teacher)
     tokenizer_info = base_model.tokenizer_info()
     if chat_template is not None:
         tokenizer_info = _with_template(base_model, tokenizer_info, chat_template)
@@ -116,6 +148,14 @@ def build(
             if size % block:
                 raise JishiError(f"the model's {what} {size} is not a multiple of the block size {block}; "
                                  f"choose a --block that divides it")
+    method, why = default_method(quant, method, from_gguf_file, merged, block, _distill_record(base_model.source))
+    if method in ("awq", "awq-gptq"):
+        # The scales divide the inputs of q/k/v and gate/up: an adapter trained on the unscaled model would read
+        # other inputs there.
+        if merge_points:
+            raise JishiError(f"--method {method} folds input scales into the norms, so adapters trained on the model "
+                             "would not fit its merge points: build it with --no-merge-points, or use --method gptq")
+        merge_points = False
     name = name or base_model.name
     target = Path(output) if output else default_output(name, quant)
     if merge_points is None:
@@ -125,24 +165,23 @@ def build(
     # holds the graph without them, over the same weights file, for requests with no adapter.
     weights = numpy_weights(base_model.model, cfg)
     grids = None
-    if quant == "gguf" or (quant == "int4" and from_gguf_file and merged is None and not calibrated and block == 32):
+    if method == "grid":
         grids = _gguf_grids(base_model, weights, quant, quiet)
+    calibration_record = None
+    prequantized = grids.weights if grids else None
+    if quant == "int4":
+        say(f"int4 by {METHOD_NAMES[method]}: {why}")
+    if method in CALIBRATED:
+        prequantized, calibration_record = _calibrate(base_model, cfg, weights, method, block, damp, act_order,
+                                                      calibration, calibration_sequences, min(256, context), quiet)
     if quant == "gguf":
         recipe = QuantRecipe("gguf", block=grids.side_block, accuracy_level=accuracy_level, merge_points=merge_points,
-                             zero_point_correction=grids.corrected)
+                             zero_point_correction=grids.corrected, method="grid", reason=why)
     else:
         recipe = QuantRecipe(quant, block=block, accuracy_level=accuracy_level, merge_points=merge_points,
-                             method="gptq" if calibrated else "rtn", head_bits=head_bits)
+                             method=method or "rtn", head_bits=head_bits, reason=why)
     side_path = recipe.name in ("int4", "gguf") and recipe.zero_point_correction
     adapter_graph = "model.lora.onnx" if merge_points and not (quant == "int4" or side_path) else None
-    prequantized = grids.weights if grids else None
-    if calibrated:
-        from jishi.distill.prune import calibration_batches
-        from jishi.export.gptq import gptq_model
-
-        batches = calibration_batches(base_model.runtime_tokenizer(), calibration_sequences, min(256, context))
-        with tqdm(total=7 * cfg.num_layers, desc="GPTQ on calibration text", unit="weight", disable=quiet, file=sys.stderr) as bar:
-            prequantized = gptq_model(base_model.model, batches, 4, block, progress=bar.update)
     rope = rope_tables(base_model.model, cfg)
     with tqdm(total=cfg.num_layers, desc=f"Writing the {quant} graph", unit="layer", disable=quiet, file=sys.stderr) as bar:
         graph = build_decoder(cfg, weights, None, recipe, progress=bar.update, prequantized=prequantized, rope=rope)
@@ -172,7 +211,8 @@ def build(
             graph=GraphInfo(
                 file="model.onnx",
                 data_file="model.onnx.data",
-                quantization={**recipe.as_dict(), **(grids.record() if grids else {})},
+                quantization={**recipe.as_dict(), **(grids.record() if grids else {}),
+                              **({"calibration": calibration_record} if calibration_record else {})},
                 inputs=["input_ids", "seqlens_k", "total_sequence_length", "logits_index", "past_key.*", "past_value.*"],
                 outputs=["logits", "hidden_states", "present_key.*", "present_value.*"],
             ),
@@ -191,8 +231,7 @@ def build(
                 **({"chat_template": "given at build"} if chat_template is not None else {}),
                 **({"merged_adapter": merged} if merged else {}),
                 **({"distilled": distilled} if (distilled := _distill_record(base_model.source)) else {}),
-                **({"calibration": f"pydoc_data.topics after character 20000 less the lines the held-out text has, {calibration_sequences} sequences "
-                                   f"of {min(256, context)} tokens"} if calibrated else {}),
+                **({"calibration": calibration_record["text"]} if calibration_record else {}),
                 "built_with": _versions(),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
@@ -208,6 +247,11 @@ def build(
             versus = _versus_teacher(staging, base_model, teacher, say, quiet)
             if versus:
                 evaluation["teacher"] = versus
+            if calibration_record:
+                evaluation["calibration_check"] = calibration_record["heldout_check"]
+            if quant == "int4":
+                evaluation["int4_check"] = _int4_check(evaluation, recipe, say,
+                                                       student=_distill_record(base_model.source) is not None)
             manifest = replace(manifest, evaluation=evaluation)
             write_manifest(staging, manifest)
         publish(staging, target)
@@ -216,6 +260,114 @@ def build(
         raise
     say(f"Wrote {target} in {time.time() - t0:.0f} s")
     return target
+
+
+METHOD_NAMES = {"grid": "the GGUF's own grids", "rtn": "round-to-nearest", "gptq": "GPTQ",
+                "awq": "AWQ scaling and round-to-nearest", "awq-gptq": "AWQ scaling and GPTQ"}
+DEFAULT_CALIBRATED = "gptq"  # int4 of weights on no 4-bit grid (bench/quant_methods.py measures the choice)
+INT4_BOUND = 1.05  # int4 within this times the unquantized model's held-out perplexity; beyond it the build says so
+
+
+def default_method(quant: str, method: str | None, from_gguf: bool, merged, block: int,
+                   record: dict | None) -> tuple[str | None, str]:
+    """How the weights of a ``quant`` bundle are coded, and why: ``method`` if one was asked for, else by where
+    the weights come from."""
+    if quant == "gguf":
+        return "grid", "every tensor stays on the GGUF file's own grid (exactly, where onnxruntime has its form)"
+    if quant == "int8":
+        return "rtn", "8-bit blocks rounded to nearest (a step 16 times finer than int4's)"
+    if quant != "int4":
+        return None, ""
+    if method is not None:
+        return method, f"asked for (--method {method})"
+    if from_gguf and merged is None and block == 32:
+        return "grid", ("the base is a GGUF file: its 4-bit blocks are kept exactly, and tensors of other types are "
+                        "rounded to nearest")
+    qat = (record or {}).get("qat") or {}
+    if merged is None and qat.get("bits") == 4 and qat.get("block") == block:
+        return "rtn", f"a student trained on this int4 grid (QAT, block {block}), which round-to-nearest keeps exactly"
+    if merged is not None:
+        what = "a merged adapter moved the weights off the base's grid"
+    elif record is not None:
+        what = "a distilled student's weights lie on no 4-bit grid"
+    elif from_gguf:
+        what = f"block {block} is not the GGUF's own 4-bit grid"
+    else:
+        what = "these weights lie on no 4-bit grid"
+    return DEFAULT_CALIBRATED, (f"{what}, so the codes are calibrated on text (round-to-nearest cost a distilled "
+                                "20-block student +374% perplexity, GPTQ +33%)")
+
+
+def _calibrate(base, cfg, weights: dict, method: str, block: int, damp: float, act_order: bool, text: str | None,
+               sequences: int, seq_len: int, quiet: bool):
+    """The calibrated int4 codes by weight name (``weights``' norms updated in place where the method scales
+    them), and the record of the calibration for the manifest."""
+    import hashlib
+
+    from tqdm import tqdm
+
+    from jishi.distill.prune import calibration_batches
+    from jishi.export.calibrate import calibrate
+    from jishi.heldout import HELDOUT_CHARS, calibration_text, check_calibration
+
+    given = text is not None
+    check = check_calibration(text if given else calibration_text(), "the calibration file" if given else "the calibration text")
+    batches = calibration_batches(base.runtime_tokenizer(), sequences, seq_len, text=text if given else None)
+    with tqdm(total=7 * cfg.num_layers, desc=f"{METHOD_NAMES[method]} on calibration text", unit="weight",
+              disable=quiet, file=sys.stderr) as bar:
+        cal = calibrate(base.model, cfg, weights, batches, method, 4, block, damp=damp, act_order=act_order,
+                        progress=bar.update)
+    weights.update(cal.norms)
+    source = (f"a given text ({len(text):,} characters, sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]})" if given
+              else f"pydoc_data.topics after character {HELDOUT_CHARS} less the lines the held-out text has")
+    return cal.codes, {"text": f"{source}, {sequences} sequences of {seq_len} tokens", "sequences": sequences,
+                       "tokens_per_sequence": seq_len, "heldout_check": check, **cal.record}
+
+
+def _int4_check(evaluation: dict, recipe, say, student: bool = False) -> dict:
+    """The int4 bundle's measured cost against ``INT4_BOUND``, said, and what to do beyond it."""
+    ratio = evaluation["perplexity"] / evaluation["reference_perplexity"]
+    out = {"bound": INT4_BOUND, "perplexity_ratio": round(ratio, 4), "within": bool(ratio <= INT4_BOUND)}
+    said = (f"int4 by {METHOD_NAMES.get(recipe.method, recipe.method)}: held-out perplexity {evaluation['perplexity']:.2f} "
+            f"against the unquantized model's {evaluation['reference_perplexity']:.2f} ({100 * (ratio - 1):+.1f}%), "
+            f"top-1 agreement {100 * evaluation['top1_agreement']:.1f}%")
+    if out["within"]:
+        say(f"{said}: within the +{100 * (INT4_BOUND - 1):.0f}% bound")
+    else:
+        out["advice"] = ("rebuild with --quant int8: 8-bit blocks keep such weights within about 1% (a larger bundle)"
+                         + ("; or train the student on the int4 grid (jishi distill --init STUDENT --qat)" if student else ""))
+        say(f"warning: {said}, beyond the +{100 * (INT4_BOUND - 1):.0f}% bound for int4: {out['advice']}")
+    return out
+
+
+def _check_teacher_tokenizer(base, teacher) -> None:
+    """A student measured against a teacher must share its tokenizer (the same ids for the same text): a
+    BaseModelError before anything is built, when it does not."""
+    from jishi.distill.base import LoadedBase, load_tokenizer, resolve, tokenizer_difference
+    from jishi.errors import BaseModelError
+
+    if teacher is None:
+        if _distill_record(base.source) is None:
+            return
+        from jishi.evaluation import default_teacher
+
+        teacher = default_teacher(base.source)
+        if teacher is None:
+            return
+    if isinstance(teacher, LoadedBase):
+        tok, vocab, label = teacher.tokenizer, teacher.model.config.vocab_size, teacher.name
+    else:
+        from jishi.planning import model_shape
+
+        _, path = resolve(teacher)
+        tok, vocab, label = load_tokenizer(path), model_shape(str(path)).vocab, str(teacher)
+    mine = base.model.config.vocab_size
+    why = f"a vocabulary of {mine:,} tokens against {vocab:,}" if mine != vocab else tokenizer_difference(base.tokenizer, tok)
+    if why:
+        raise BaseModelError(
+            f"{Path(base.source).name} does not share its teacher {label}'s tokenizer ({why}), so the two cannot be "
+            "compared token by token: pass the model it was distilled from as the teacher (--teacher), or build "
+            "it without one")
 
 
 def _reference_first(base, context: int, quiet: bool) -> None:
@@ -233,9 +385,10 @@ def _reference_first(base, context: int, quiet: bool) -> None:
             base.reference_stats[key] = reference_stats(base.model, wins, progress=bar.update)
 
 
-def check_build_memory(base, quant: str | None, evaluate: bool = True) -> int:
-    """The memory (bytes) building ``base`` takes, estimated from its config alone; a DeviceFitError when it
-    is more than this machine has available now."""
+def check_build_memory(base, quant: str | None, evaluate: bool = True, calibrated: bool = False) -> int:
+    """The memory (bytes) building ``base`` takes, estimated from its config alone (``calibrated``: int4 codes
+    calibrated on text, the default for weights that are not a GGUF file's); a DeviceFitError when it is more
+    than this machine has available now."""
     from jishi.devices.detect import detect
     from jishi.devices.plan import build_memory
     from jishi.distill.base import DEFAULT_BASE
@@ -252,7 +405,8 @@ def check_build_memory(base, quant: str | None, evaluate: bool = True) -> int:
     except (KeyError, TypeError, ValueError):  # a config of another kind: loading it says what is wrong
         return 0
     gguf = not Path(spec).is_dir()
-    need = build_memory(shape, quant or ("gguf" if gguf else "int4"), gguf=gguf, evaluate=evaluate)
+    need = build_memory(shape, quant or ("gguf" if gguf else "int4"), gguf=gguf, evaluate=evaluate,
+                        calibrated=calibrated and not (gguf and quant in (None, "gguf")))
     available = detect().available_bytes
     if available and need > available:
         params = shape.linear_params + shape.embedding_params * (1 if shape.tied else 2)

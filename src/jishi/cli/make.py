@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from jishi.errors import JishiError
 
@@ -16,10 +17,23 @@ def register(sub) -> None:
     b.add_argument("--quant", choices=["gguf", "int4", "int4-gptq", "int8", "fp16", "fp32"],
                    help="weight format (default: gguf for a GGUF base, which keeps every tensor on the file's own grid, "
                         "4- or 8-bit; int4 otherwise; or the plan's choice with --device); int4 on a GGUF base keeps its "
-                        "4-bit blocks and re-quantizes the rest; int4-gptq is int4 --calibrated")
-    b.add_argument("--calibrated", action="store_true",
-                   help="int4 codes by GPTQ on calibration text instead of round-to-nearest (for weights off any 4-bit "
-                        "grid: students, fine-tuned models; the default base keeps its own grid exactly without it)")
+                        "4-bit blocks and re-quantizes the rest; int4-gptq is int4 --method gptq")
+    b.add_argument("--method", choices=["rtn", "gptq", "awq", "awq-gptq"],
+                   help="how int4 codes are found (default: by the weights: a GGUF base keeps its own 4-bit grid, a QAT "
+                        "student its trained grid, anything else gets gptq): rtn rounds to nearest; gptq is GPTQ on "
+                        "calibration text; awq scales the inputs of q/k/v and gate/up by their activations (folded into "
+                        "the norms; no merge points), then rounds; awq-gptq scales, then GPTQ")
+    b.add_argument("--calibrated", action="store_true", help="the same as --method gptq")
+    b.add_argument("--calibration", metavar="FILE",
+                   help="calibrate on this text file (default: the built-in text after the held-out part); a file that "
+                        "shares a passage with the held-out text is refused")
+    b.add_argument("--calibration-sequences", type=int, default=16,
+                   help="calibration sequences of 256 tokens (default 16)")
+    b.add_argument("--damp", type=float,
+                   help="GPTQ damping: this fraction of the mean Hessian diagonal is added to it (default 0.01)")
+    b.add_argument("--act-order", action="store_true", default=None,
+                   help="GPTQ by activation order (the loudest inputs first), every block's grid fixed up front from "
+                        "the original weights, instead of in input order with each block's grid chosen as GPTQ reaches it")
     b.add_argument("--block", type=int, default=32, help="int4/int8 block size along the input (16, 32, 64, 128; default 32)")
     b.add_argument("--head", choices=["int8", "int4"], default="int8",
                    help="int4/int8 bundles: bits of the embedding table and LM head (default int8, which keeps a Q8_0 "
@@ -139,7 +153,12 @@ def build(args) -> int:
     from jishi.pipeline import build as build_bundle
     from jishi.planning import model_shape, profile_for
 
-    calibrated = args.calibrated or args.quant == "int4-gptq"
+    method = args.method
+    for alias, given in (("--calibrated", args.calibrated), ("--quant int4-gptq", args.quant == "int4-gptq")):
+        if given and method not in (None, "gptq"):
+            raise JishiError(f"{alias} means --method gptq, and --method {method} was asked for: give one of them")
+        if given:
+            method = "gptq"
     if args.quant == "int4-gptq":
         args.quant = "int4"
     quant = args.quant  # None: the pipeline's default for this base (gguf for a GGUF file, else int4)
@@ -163,12 +182,20 @@ def build(args) -> int:
             raise JishiError("a merged bundle has no merge points, so it takes no other adapters: build it with "
                              "--adapter NAME=DIR --merge NAME only")
         adapters = []
-    if calibrated and quant not in ("int4", None):
-        raise JishiError(f"--calibrated applies to int4 only, not {quant}")
+    if method and quant not in ("int4", None):
+        raise JishiError(("--calibrated" if args.calibrated else f"--method {method}") + f" applies to int4 only, not {quant}")
+    if args.calibration_sequences < 1:
+        raise JishiError("--calibration-sequences must be at least 1")
+    calibration = None
+    if args.calibration:
+        try:
+            calibration = Path(args.calibration).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise JishiError(f"cannot read the calibration file {args.calibration}: {e}") from None
     base, teacher = args.base, None
     if args.distill:
         quant = quant or "int4"
-        base, teacher, calibrated = distill_for_build(args, quant, calibrated)
+        base, teacher = distill_for_build(args, quant)
         if base is None:  # another process of a torchrun: rank 0 builds
             return 0
     else:
@@ -177,7 +204,9 @@ def build(args) -> int:
             raise JishiError(f"--{given[0].replace('_', '-')} is a distillation option: add --distill to make a student "
                              "first, or use `jishi distill`")
     path = build_bundle(base, quant, args.output, args.name, args.context, evaluate=not args.no_eval,
-                 merge_points=True if adapters else args.merge_points, merge=merge, calibrated=calibrated,
+                 merge_points=True if adapters else args.merge_points, merge=merge, method=method,
+                 damp=args.damp, act_order=args.act_order, calibration=calibration,
+                 calibration_sequences=args.calibration_sequences,
                  block=args.block, teacher=teacher, head_bits=int(args.head[3:]),
                  chat_template=read_template(args.chat_template) if args.chat_template else None,
                  check_memory=not args.no_memory_check)
@@ -190,9 +219,9 @@ def build(args) -> int:
     return 0
 
 
-def distill_for_build(args, quant: str, calibrated: bool):
-    """`build --distill`: the student first (resumable), then the build of it; returns (student dir, teacher,
-    calibrated)."""
+def distill_for_build(args, quant: str):
+    """`build --distill`: the student first (resumable), then the build of it; returns (student dir, teacher).
+    The build codes its int4 as any student's: GPTQ, or round-to-nearest on the grid a QAT student was trained on."""
     from jishi.distill.base import load_base
     from jishi.distill.student import distill
     from jishi.pipeline import default_output
@@ -213,10 +242,9 @@ def distill_for_build(args, quant: str, calibrated: bool):
     if args.resume and done and done["training"]["steps_done"] >= config.steps and done["teacher"]["sha256"] == teacher.source_sha256:
         print(f"{student} is already distilled ({config.steps} steps): building it", file=sys.stderr)
     elif distill(teacher, student, options, config) is None:
-        return None, None, calibrated
+        return None, None
     print(f"student: {student}", file=sys.stderr)
-    # A student's weights lie on no 4-bit grid: int4 by GPTQ, unless QAT already put them on RTN's grid.
-    return str(student), teacher, calibrated or (quant == "int4" and not args.qat)
+    return str(student), teacher
 
 
 def finetune(args) -> int:
