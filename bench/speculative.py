@@ -7,8 +7,9 @@ is nothing to look up) the same greedy request runs with speculation off, with p
 lookup and, given ``--draft``, with the draft bundle, one after another, alternating,
 ``--repeats`` times, in one process. Reported per kind: the share of guessed tokens kept,
 tokens per checking run, decode tokens/s (first token to last) and the end-to-end time,
-each as a median and as a ratio to "off" from the same sitting; and whether the answers
-were the plain ones. Writes bench/results/speculative-<date>.json.
+each as a median and as a ratio to "off" from the same sitting; the process's CPU seconds
+(with onnxruntime's spinning off, the work done: the figure to read on a machine shared with
+other work, where wall time swings); and whether the answers were the plain ones. Writes bench/results/speculative-<date>.json.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ TASKS = {
 
 def timed(model, prompt: str, speculation: str, tokens: int) -> dict:
     model.engine.reset()
+    cpu = time.process_time()
     start = time.perf_counter()
     stream = model.chat_stream([{"role": "user", "content": prompt}], max_new_tokens=tokens, temperature=0,
                                speculation=speculation)
@@ -61,8 +63,9 @@ def timed(model, prompt: str, speculation: str, tokens: int) -> dict:
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
+    cpu = time.process_time() - cpu
     r = stream.result
-    return {"text": r.text, "tokens": r.completion_tokens, "seconds": end - start,
+    return {"text": r.text, "tokens": r.completion_tokens, "seconds": end - start, "cpu_seconds": cpu,
             "decode_tok_s": (r.completion_tokens - 1) / (end - first) if first and end > first else None,
             "speculation": r.speculation}
 
@@ -99,7 +102,10 @@ def main() -> int:
         base_tps = statistics.median(x["decode_tok_s"] for x in plain)
         summary[task] = {}
         for kind, xs in by_kind.items():
+            cpu = statistics.median(x["cpu_seconds"] for x in xs)
             row = {"seconds": round(statistics.median(x["seconds"] for x in xs), 3),
+                   "cpu_seconds": round(cpu, 3),
+                   "cpu_saving": round(statistics.median(x["cpu_seconds"] for x in plain) / cpu, 3),
                    "decode_tok_s": round(statistics.median(x["decode_tok_s"] for x in xs), 1),
                    "speedup_end_to_end": round(base_s / statistics.median(x["seconds"] for x in xs), 3),
                    "speedup_decode": round(statistics.median(x["decode_tok_s"] for x in xs) / base_tps, 3),
@@ -112,13 +118,14 @@ def main() -> int:
             summary[task][kind] = row
 
     print(f"\n{Path(args.bundle).name}, {args.threads} threads, {args.tokens} greedy tokens, medians of {args.repeats}")
-    print(f"| task | speculation | kept | tokens/run | decode tok/s | end-to-end s | × off | same text |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| task | speculation | kept | tokens/run | decode tok/s | end-to-end s | × off | CPU s | CPU ÷ off | same text |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for task, rows in summary.items():
         for kind, row in rows.items():
             kept = f"{row['acceptance']:.0%}" if "acceptance" in row else "-"
             print(f"| {task} | {kind} | {kept} | {row.get('tokens_per_run', 1.0)} | {row['decode_tok_s']} | "
-                  f"{row['seconds']} | {row['speedup_end_to_end']} | {'yes' if row['same_text_as_off'] else 'no'} |")
+                  f"{row['seconds']} | {row['speedup_end_to_end']} | {row['cpu_seconds']} | "
+                  f"{1 / row['cpu_saving']:.2f} | {'yes' if row['same_text_as_off'] else 'no'} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"speculative-{time.strftime('%Y%m%d-%H%M')}.json"
     out.write_text(json.dumps({"bundle": str(args.bundle), "draft": args.draft, "threads": args.threads,
