@@ -261,8 +261,8 @@ def test_layer_by_layer_statistics_are_those_of_the_full_forward_pass(family, ti
 # -- calibration that is honest ----------------------------------------------------------------------------------
 
 def test_calibration_text_that_shares_a_passage_with_the_heldout_text_is_refused(llama, tmp_path):
-    from jishi.heldout import OVERLAP_CHARS, calibration_text, check_calibration, heldout_text
-    from jishi.pipeline import build
+    from jishi.heldout import OVERLAP_CHARS, calibration_text, heldout_text
+    from jishi.pipeline import build, check_calibration
 
     clean = check_calibration(calibration_text())
     assert clean == {"window_chars": OVERLAP_CHARS, "windows": len(calibration_text()) - OVERLAP_CHARS + 1, "in_heldout": 0}

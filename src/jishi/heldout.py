@@ -60,18 +60,3 @@ def heldout_overlap(text: str, size: int = OVERLAP_CHARS) -> dict:
     passages = sum(1 for j, i in enumerate(hits) if j == 0 or hits[j - 1] != i - 1)
     return {"window_chars": size, "windows": max(len(text) - size + 1, 0), "in_heldout": len(hits),
             "passages": passages, "first": text[hits[0]:hits[0] + size] if hits else None}
-
-
-def check_calibration(text: str, where: str = "the calibration text") -> dict:
-    """The overlap check of a calibration text against the held-out text; a JishiError when they share a passage
-    (the held-out figures of a model calibrated on it would flatter it)."""
-    from jishi.errors import JishiError
-
-    found = heldout_overlap(text)
-    if found["in_heldout"]:
-        raise JishiError(
-            f"{where} holds {found['passages']} passage(s) of the held-out evaluation text (pydoc_data.topics, first "
-            f"{HELDOUT_CHARS:,} characters), e.g. {found['first']!r}: the quality measured on it would flatter a model "
-            "calibrated on it. Remove those passages, or calibrate on the built-in text (leave --calibration out), "
-            "which is free of them")
-    return {k: found[k] for k in ("window_chars", "windows", "in_heldout")}

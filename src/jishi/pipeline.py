@@ -308,7 +308,7 @@ def _calibrate(base, cfg, weights: dict, method: str, block: int, damp: float, a
 
     from jishi.distill.prune import calibration_batches
     from jishi.export.calibrate import calibrate
-    from jishi.heldout import HELDOUT_CHARS, calibration_text, check_calibration
+    from jishi.heldout import HELDOUT_CHARS, calibration_text
 
     given = text is not None
     check = check_calibration(text if given else calibration_text(), "the calibration file" if given else "the calibration text")
@@ -322,6 +322,21 @@ def _calibrate(base, cfg, weights: dict, method: str, block: int, damp: float, a
               else f"pydoc_data.topics after character {HELDOUT_CHARS} less the lines the held-out text has")
     return cal.codes, {"text": f"{source}, {sequences} sequences of {seq_len} tokens", "sequences": sequences,
                        "tokens_per_sequence": seq_len, "heldout_check": check, **cal.record}
+
+
+def check_calibration(text: str, where: str = "the calibration text") -> dict:
+    """The overlap check of a calibration text against the held-out text; a JishiError when they share a passage
+    (the held-out figures of a model calibrated on it would flatter it)."""
+    from jishi.heldout import HELDOUT_CHARS, heldout_overlap
+
+    found = heldout_overlap(text)
+    if found["in_heldout"]:
+        raise JishiError(
+            f"{where} holds {found['passages']} passage(s) of the held-out evaluation text (pydoc_data.topics, first "
+            f"{HELDOUT_CHARS:,} characters), e.g. {found['first']!r}: the quality measured on it would flatter a model "
+            "calibrated on it. Remove those passages, or calibrate on the built-in text (leave --calibration out), "
+            "which is free of them")
+    return {k: found[k] for k in ("window_chars", "windows", "in_heldout")}
 
 
 def _int4_check(evaluation: dict, recipe, say, student: bool = False) -> dict:
