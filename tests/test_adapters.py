@@ -175,17 +175,36 @@ def test_int4_merge_points_with_no_adapter_change_nothing(tiny_dirs, tmp_path):
     with_mp = jishi.load(build(str(tiny_dirs["qwen2"]), "int4", tmp_path / "mp", merge_points=True, **kw))
     without = jishi.load(build(str(tiny_dirs["qwen2"]), "int4", tmp_path / "plain", merge_points=False, **kw))
     assert with_mp.manifest.merge_points["a_default"] == "block_sums" and without.manifest.merge_points is None
-    np.testing.assert_array_equal(with_mp.engine.feed(IDS, all_logits=True), without.engine.feed(IDS, all_logits=True))
+    expected = without.engine.feed(IDS, all_logits=True)
+    assert with_mp.graph_file == "model.onnx"  # the constant side paths, for requests with no adapter
+    np.testing.assert_array_equal(with_mp.engine.feed(IDS, all_logits=True), expected)
+    with_mp.open_adapter_graph()  # the merge points, with the block sums bound as A
+    assert with_mp.graph_file == "model.lora.onnx" and with_mp.has_merge_points
+    np.testing.assert_array_equal(with_mp.engine.feed(IDS, all_logits=True), expected)
 
 
 def test_plain_graph_beside_the_merge_points_reads_the_same_weights(adapted):
-    """fp32/int8/fp16 bundles hold the graph twice over one weights file; int4 once."""
+    """Bundles with merge points hold the graph twice over one weights file: fp32/int8/fp16 without the
+    side paths in the plain one, int4 with them as constants (they carry its zero-point corrections)."""
     import onnx
 
     bundles, _, _ = adapted
     fp32, int4 = bundles["fp32"], bundles["int4"]
-    assert sorted(p.name for p in int4.glob("*.onnx")) == ["model.onnx"]
+    assert sorted(p.name for p in int4.glob("*.onnx")) == ["model.lora.onnx", "model.onnx"]
     assert sorted(p.name for p in fp32.glob("*.onnx")) == ["model.lora.onnx", "model.onnx"]
+    plain4 = onnx.load(str(int4 / "model.onnx"), load_external_data=False)
+    lora4 = onnx.load(str(int4 / "model.lora.onnx"), load_external_data=False)
+    assert not [i for i in plain4.graph.input if i.name.startswith("lora.")]
+    assert len(plain4.graph.node) == len(lora4.graph.node)  # every projection of the tiny model is corrected
+    sums = {t.name: onnx.numpy_helper.to_array(t) for t in plain4.graph.initializer if t.name.startswith("block_sums.")}
+    assert set(sums) == {"block_sums.64.32", "block_sums.96.32"}
+    np.testing.assert_array_equal(sums["block_sums.64.32"], np.kron(np.eye(2, dtype=np.float32), np.ones((32, 1), np.float32)))
+    plain4, lora4 = (onnx.load(str(int4 / f)) for f in ("model.onnx", "model.lora.onnx"))  # with the weights
+    corrections = {t.name: onnx.numpy_helper.to_array(t) for t in plain4.graph.initializer if t.name.endswith(".zp_correction")}
+    defaults = {t.name: onnx.numpy_helper.to_array(t) for t in lora4.graph.initializer if t.name.startswith("lora.")}
+    assert len(corrections) == 2 * 4
+    for name, value in corrections.items():  # B's stored default, the same bytes
+        np.testing.assert_array_equal(value, defaults["lora." + name.removesuffix(".zp_correction") + ".b"])
     plain = onnx.load(str(fp32 / "model.onnx"), load_external_data=False)
     lora = onnx.load(str(fp32 / "model.lora.onnx"), load_external_data=False)
     assert not [i for i in plain.graph.input if i.name.startswith("lora.")]

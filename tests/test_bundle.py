@@ -29,8 +29,9 @@ def _write_manifest(path, body):
 
 def test_a_good_bundle_opens_and_lists_every_file(bundle):
     b = open_bundle(bundle)
-    assert set(b.manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
-    assert b.manifest.graph.quantization["name"] == "int4"
+    # the graph for plain requests and the one with merge points, over one weights file
+    assert set(b.manifest.files) == {"model.onnx", "model.lora.onnx", "model.onnx.data", "tokenizer.json"}
+    assert b.manifest.graph.quantization["name"] == "int4" and b.manifest.merge_points["graph"] == "model.lora.onnx"
 
 
 def test_missing_path(tmp_path):

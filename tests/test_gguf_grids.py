@@ -243,3 +243,37 @@ def test_every_registered_type_equals_ggufs_dequantize_on_random_blocks(kind):
 
     assert (w.bits, w.block) == (fmt.bits, int(re.search(r"block (\d+)", fmt.form).group(1)))
     np.testing.assert_allclose(w.dequantize(), expected, rtol=0, atol=1e-6 * max(1.0, float(np.abs(expected).max())))
+
+
+def test_the_graph_for_requests_without_adapters_keeps_the_corrections_as_constants(loaded, tmp_path):
+    """A GGUF bundle with merge points holds two graphs over one weights file: the one opened for
+    plain requests has a side path (with constant A and B) exactly where a projection's grid needs a
+    correction, none where it does not, and both graphs compute the dequantized model's logits."""
+    import onnx
+
+    from jishi.pipeline import build
+    from jishi.runtime.model import load
+
+    out = build(loaded, None, tmp_path / "b", context=128, evaluate=False, quiet=True, accuracy_level=0)
+    assert load(out).manifest.merge_points["graph"] == "model.lora.onnx"
+    plain = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    lora = onnx.load(str(out / "model.lora.onnx"), load_external_data=False)
+    rows = {t.name: t.dims[0] for t in lora.graph.initializer if t.name.startswith("lora.") and t.name.endswith(".b")}
+    corrected = {n.removeprefix("lora.").removesuffix(".b") for n, r in rows.items() if r > 1}
+    uncorrected = {n.removeprefix("lora.").removesuffix(".b") for n, r in rows.items() if r == 1}
+    assert corrected and uncorrected  # the tiny file mixes grids with float minima and without
+    side = {n.name.removesuffix("/side_b") for n in plain.graph.node if n.name.endswith("/side_b")}
+    assert side == corrected
+    assert not [i for i in plain.graph.input if i.name.startswith("lora.")]
+    assert len(lora.graph.node) - len(plain.graph.node) == 2 * len(uncorrected)
+
+    ids = [int(i) for i in np.random.default_rng(5).integers(3, 380, 70)]
+    with torch.no_grad():
+        expected = loaded.model(torch.tensor([ids])).logits[0].numpy()
+    model = load(out)
+    got_plain = model.engine.feed(ids, all_logits=True)
+    model.open_adapter_graph()
+    got_lora = model.engine.feed(ids, all_logits=True)
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(got_plain, expected, rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(got_lora, got_plain, rtol=0, atol=1e-5 * scale)

@@ -74,7 +74,8 @@ def build(
     from jishi.distill.base import LoadedBase, load_base
     from jishi.export.bundle_writer import check_target, publish, staging_dir, with_files, write_manifest
     from jishi.export.from_torch import model_config, numpy_weights, rope_tables
-    from jishi.export.graph import QUANTS, QuantRecipe, build_decoder, save_model, strip_merge_points
+    from jishi.export.graph import (QUANTS, QuantRecipe, build_decoder, constant_side_paths, save_model,
+                                    strip_merge_points)
     from jishi.runtime.adapters import TARGETS
     from jishi.runtime.manifest import GraphInfo, Manifest
 
@@ -160,9 +161,10 @@ def build(
     target = Path(output) if output else default_output(name, quant)
     if merge_points is None:
         merge_points = True
-    # int4's side path exists anyway for the zero-point correction: its merge points are free
-    # and it has one graph. Elsewhere they add two nodes per projection, so the bundle also
-    # holds the graph without them, over the same weights file, for requests with no adapter.
+    # With merge points the bundle also holds a graph for requests with no adapter, over the same
+    # weights file: without the side paths where they exist only for the merge points (two nodes
+    # per projection), and with them as constants where they carry int4's zero-point correction
+    # (which onnxruntime prepacks: faster than the same nodes reading inputs).
     weights = numpy_weights(base_model.model, cfg)
     grids = None
     if method == "grid":
@@ -181,7 +183,7 @@ def build(
         recipe = QuantRecipe(quant, block=block, accuracy_level=accuracy_level, merge_points=merge_points,
                              method=method or "rtn", head_bits=head_bits, reason=why)
     side_path = recipe.name in ("int4", "gguf") and recipe.zero_point_correction
-    adapter_graph = "model.lora.onnx" if merge_points and not (quant == "int4" or side_path) else None
+    adapter_graph = "model.lora.onnx" if merge_points else None
     rope = rope_tables(base_model.model, cfg)
     with tqdm(total=cfg.num_layers, desc=f"Writing the {quant} graph", unit="layer", disable=quiet, file=sys.stderr) as bar:
         graph = build_decoder(cfg, weights, None, recipe, progress=bar.update, prequantized=prequantized, rope=rope)
@@ -200,7 +202,10 @@ def build(
     try:
         if adapter_graph:
             save_model(graph, staging / adapter_graph, data_name="model.onnx.data")
-            strip_merge_points(staging / adapter_graph, staging / "model.onnx")
+            if recipe.name in ("int4", "gguf"):
+                constant_side_paths(staging / adapter_graph, staging / "model.onnx", recipe.block)
+            else:
+                strip_merge_points(staging / adapter_graph, staging / "model.onnx")
         else:
             save_model(graph, staging / "model.onnx")
         del graph
