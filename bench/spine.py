@@ -18,7 +18,8 @@ is in the JSON).
 onnxruntime-genai's builder and llama-cpp-python need transformers 5 and a compiler; they live
 in their own environment (bench/setup_peers.sh). The CPU time other processes used during each
 run and the load average are recorded; runs where others used more than ``--noisy`` cores on
-average are marked. Writes bench/results/spine-<base>-<date>.json and .md (the table).
+average are marked. Writes bench/results/spine-<base>-<date>.json and .md (the table); ``--pool A.json B.json``
+makes one table of several sittings' runs.
 """
 
 from __future__ import annotations
@@ -222,6 +223,58 @@ def probe_llamacpp(shipped: str, peers_python: str, prompt_file: Path, threads: 
     return {"chosen": {"flash_attn": best["flash_attn"], "wait": best["wait"]}, "runs": runs}
 
 
+SUMMARY_KEYS = ("prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb", "load_s", "process_s", "others_cores")
+
+
+def summarise(runs: dict[str, list[dict]], sizes: dict[str, float]) -> dict:
+    """Medians per system, and ratios of the medians to jishi's default bundle."""
+    summary = {}
+    for name, rs in runs.items():
+        s = summary[name] = {k: statistics.median(r[k] for r in rs) for k in SUMMARY_KEYS}
+        s["size_mb"] = sizes[name]
+        s["runs"] = len(rs)
+        s["noisy_runs"] = sum(r["noisy"] for r in rs)
+        quiet = [r for r in rs if not r["noisy"]]
+        if quiet and len(quiet) < len(rs):
+            s["decode_tok_s_quiet_runs"] = statistics.median(r["decode_tok_s"] for r in quiet)
+    ref = summary.get(DEFAULT)
+    if ref:
+        for s in summary.values():
+            s["decode_vs_default"] = round(s["decode_tok_s"] / ref["decode_tok_s"], 3)
+            s["prefill_vs_default"] = round(s["prefill_tok_s"] / ref["prefill_tok_s"], 3)
+    return summary
+
+
+def table_lines(summary: dict) -> list[str]:
+    lines = ["| system | size MB | prefill tok/s | TTFT ms | decode tok/s | peak RSS MB | load s | decode ÷ default | "
+             "prefill ÷ default | noisy runs |", "|" + "---|" * 10]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['size_mb']:.0f} | {s['prefill_tok_s']:.0f} | {s['ttft_ms']:.0f} | "
+                     f"{s['decode_tok_s']:.0f} | {s['peak_rss_mb']:.0f} | {s['load_s']:.2f} | "
+                     f"{s.get('decode_vs_default', 1):.2f} | {s.get('prefill_vs_default', 1):.2f} | "
+                     f"{s['noisy_runs']}/{s['runs']} |")
+    return lines
+
+
+def pool(files: list[Path]) -> None:
+    """One table from several sittings of one base: medians over all their runs (systems in every sitting)."""
+    data = [json.loads(f.read_text()) for f in files]
+    bases = {d["base"] for d in data}
+    if len(bases) != 1:
+        raise SystemExit(f"--pool takes sittings of one base, got {sorted(bases)}")
+    names = [n for n in data[0]["runs"] if all(n in d["runs"] for d in data)]
+    runs = {n: [r for d in data for r in d["runs"][n]] for n in names}
+    summary = summarise(runs, {n: data[-1]["summary"][n]["size_mb"] for n in names})
+    loads = [r["loadavg_1m_before"] for rs in runs.values() for r in rs]
+    head = (f"{bases.pop()}: {len(files)} sittings pooled ({', '.join(f.name for f in files)}), medians of "
+            f"{len(next(iter(runs.values())))} runs each; 1-minute load average {min(loads):.1f}–{max(loads):.1f} before the runs")
+    table = "\n".join([head, "", *table_lines(summary)])
+    print(table)
+    out = files[-1].with_name(files[-1].stem + "-pooled.md")
+    out.write_text(table + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", choices=BASES, default=BASES[0])
@@ -238,7 +291,11 @@ def main() -> None:
     ap.add_argument("--noisy", type=float, default=0.25,
                     help="mark a run where other processes used more than this many cores on average")
     ap.add_argument("--only", nargs="*", help="names of systems to run (substrings; default all)")
+    ap.add_argument("--pool", nargs="+", type=Path, metavar="JSON",
+                    help="run nothing: pool the runs of these sittings of one base into one table")
     args = ap.parse_args()
+    if args.pool:
+        return pool(args.pool)
 
     from jishi.distill.base import KNOWN_BASES, fetch_known
     from jishi.runtime.bundle import open_bundle
@@ -311,31 +368,18 @@ def main() -> None:
                   f"{res['prefill_tok_s']:7.1f} tok/s  rss {res['peak_rss_mb']:6.0f} MB  others "
                   f"{res['others_cores']} cores{'  NOISY' if res['noisy'] else ''}", file=sys.stderr)
 
-    keys = ("prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_mb", "load_s", "process_s", "others_cores")
-    summary = {}
-    for name, rs in runs.items():
-        summary[name] = {k: statistics.median(r[k] for r in rs) for k in keys}
-        summary[name]["size_mb"] = size_mb(systems[name]["path"])
-        summary[name]["noisy_runs"] = sum(r["noisy"] for r in rs)
-        quiet = [r for r in rs if not r["noisy"]]
-        if quiet and len(quiet) < len(rs):
-            summary[name]["decode_tok_s_quiet_runs"] = statistics.median(r["decode_tok_s"] for r in quiet)
-    ref = summary.get(DEFAULT)
-    if ref:
-        for s in summary.values():
-            s["decode_vs_default"] = round(s["decode_tok_s"] / ref["decode_tok_s"], 3)
-            s["prefill_vs_default"] = round(s["prefill_tok_s"] / ref["prefill_tok_s"], 3)
-
+    summary = summarise(runs, {name: size_mb(spec["path"]) for name, spec in systems.items()})
     loadavg_end = os.getloadavg()
     head = (f"{args.base}, {args.threads} threads, {cpu.get('name')} ({isa_label(cpu)}), medians of {args.repeats} "
             f"alternating runs; load average {loadavg_start[0]:.1f} at the start, {loadavg_end[0]:.1f} at the end")
-    lines = [head, "",
-             "| system | size MB | prefill tok/s | TTFT ms | decode tok/s | peak RSS MB | decode ÷ default | prefill ÷ default | noisy runs |",
-             "|" + "---|" * 9]
-    for name, s in summary.items():
-        lines.append(f"| {name} | {s['size_mb']:.0f} | {s['prefill_tok_s']:.0f} | {s['ttft_ms']:.0f} | "
-                     f"{s['decode_tok_s']:.0f} | {s['peak_rss_mb']:.0f} | {s.get('decode_vs_default', 1):.2f} | "
-                     f"{s.get('prefill_vs_default', 1):.2f} | {s['noisy_runs']}/{args.repeats} |")
+    lines = [head, "", *table_lines(summary)]
+    if "llamacpp_probe" in peers:
+        chosen = peers["llamacpp_probe"]["chosen"]
+        probes = ", ".join(f"{k}: {v.get('decode_tok_s', 'failed')}" for k, v in peers["llamacpp_probe"]["runs"].items())
+        lines += ["", f"llama.cpp: flash attention {chosen['flash_attn']}, OMP_WAIT_POLICY {chosen['wait']} "
+                      f"(probe decode tok/s on the shipped file: {probes})"]
+    if peers.get("genai", {}).get("refused"):
+        lines += ["", f"onnxruntime-genai's builder refused: {peers['genai']['refused'].strip().splitlines()[-1]}"]
     table = "\n".join(lines)
     print(table)
 
