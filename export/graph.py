@@ -591,16 +591,7 @@ def constant_side_paths(graph_path: Path, out: Path, block: int) -> Path:
         else:
             node.input[1] = b.removeprefix("lora.").removesuffix(".b") + ".zp_correction"
         keep.append(node)
-    for node in keep:
-        for i, name in enumerate(node.input):
-            while name in rename:
-                name = rename[name]
-            node.input[i] = name
-    del g.node[:]
-    g.node.extend(keep)
-    inputs = [v for v in g.input if not v.name.startswith("lora.")]
-    del g.input[:]
-    g.input.extend(inputs)
+    _keep_nodes(g, keep, rename)
     inits = []
     for t in g.initializer:
         if t.name.startswith("lora."):
@@ -614,6 +605,21 @@ def constant_side_paths(graph_path: Path, out: Path, block: int) -> Path:
     # Serialized as it is: its initializers keep their locations in the shared weights file.
     out.write_bytes(model.SerializeToString())
     return out
+
+
+def _keep_nodes(g, keep: list, rename: dict[str, str]) -> None:
+    """The graph ``g`` with only the nodes ``keep``, their inputs renamed through ``rename`` (a dropped
+    node's output → what stands for it), and without the ``lora.*`` graph inputs."""
+    for node in keep:
+        for i, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[i] = name
+    del g.node[:]
+    g.node.extend(keep)
+    inputs = [v for v in g.input if not v.name.startswith("lora.")]
+    del g.input[:]
+    g.input.extend(inputs)
 
 
 def strip_merge_points(graph_path: Path, out: Path) -> Path:
@@ -637,16 +643,7 @@ def strip_merge_points(graph_path: Path, out: Path) -> Path:
             keep.append(node)
     if not rename:
         raise ValueError(f"{graph_path.name} has no merge-point side paths to strip")
-    for node in keep:
-        for i, name in enumerate(node.input):
-            while name in rename:
-                name = rename[name]
-            node.input[i] = name
-    del g.node[:]
-    g.node.extend(keep)
-    inputs = [v for v in g.input if not v.name.startswith("lora.")]
-    del g.input[:]
-    g.input.extend(inputs)
+    _keep_nodes(g, keep, rename)
     inits = [t for t in g.initializer if not t.name.startswith("lora.")]
     del g.initializer[:]
     g.initializer.extend(inits)
