@@ -1,0 +1,216 @@
+"""int4 methods on weights that lie on no 4-bit grid: a pruned, briefly distilled student of the default base.
+
+    python bench/quant_methods.py                  # the student (a few minutes of training), then every method
+    python bench/quant_methods.py --only gptq-act  # some rows only
+    python bench/quant_methods.py --fresh awq      # measure a row again
+
+Run by hand, not in CI. The student is SmolLM2-135M-Instruct (``load_base("smollm2-135m-instruct")``,
+cached under ~/.cache/jishi) with 20 of its 30 blocks kept by block influence and distilled for
+``--steps`` steps on the calibration text; it lives under ``--work`` and its training resumes from its
+checkpoint. Every row is a bundle built from it (``jishi.pipeline.build``) and measured on the held-out
+text against the student's own fp32 weights in torch (perplexity and top-1 agreement), plus KL against
+the teacher; each finished row is written at once to ``--out`` (JSON) and skipped on the next run, so an
+interrupted run continues where it stopped. Rows: round-to-nearest, GPTQ in input order, GPTQ by
+activation order (static groups), AWQ scaling with rounding, AWQ scaling with GPTQ, int8, all at
+block 32; then the best int4 method at blocks 16 and 64. Last, on a few layers, how much of the distillation each
+method takes back (the student is the pruned teacher plus a small change). The table is printed as markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# label → (quant, build options)
+ROWS = {
+    "rtn": ("int4", {"method": "rtn"}),
+    "gptq": ("int4", {"method": "gptq", "act_order": False}),
+    "gptq-act": ("int4", {"method": "gptq", "act_order": True}),
+    "awq": ("int4", {"method": "awq"}),
+    "awq-gptq": ("int4", {"method": "awq-gptq", "act_order": False}),
+    "int8": ("int8", {}),
+}
+NAMES = {"rtn": "int4 round-to-nearest", "gptq": "int4 GPTQ, input order", "gptq-act": "int4 GPTQ, activation order",
+         "awq": "int4 AWQ scaling + round-to-nearest", "awq-gptq": "int4 AWQ scaling + GPTQ",
+         "int8": "int8 round-to-nearest"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=20, help="blocks the student keeps (default 20 of 30)")
+    ap.add_argument("--steps", type=int, default=16, help="distillation steps of 4 x 256 tokens (default 16)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--blocks", default="16,64", help="other block sizes for the best int4 method (default 16,64; '' for none)")
+    ap.add_argument("--only", help="labels to run, comma-separated (e.g. rtn,gptq-act,gptq-act@64)")
+    ap.add_argument("--fresh", action="append", default=[], metavar="LABEL", help="measure this row again")
+    ap.add_argument("--undone", default="0,5,10", help="student layers on which to measure how much of the "
+                    "distillation each method undoes (default 0,5,10; '' for none)")
+    ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "quant-methods"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quant_methods.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
+    only = set(args.only.split(",")) if args.only else None
+
+    from jishi.distill.base import load_base
+
+    teacher = load_base("smollm2-135m-instruct")
+    student_dir = make_student(teacher, work, args)
+    student = load_base(str(student_dir))
+    results["student"] = describe_student(student_dir)
+    results["machine"] = {"threads": args.threads, "cpus": os.cpu_count()}
+
+    def run(label: str, quant: str, options: dict, block: int = 32) -> None:
+        if (only and label not in only) or (label in results["rows"] and label not in args.fresh):
+            return
+        print(f"== {label}", file=sys.stderr, flush=True)
+        results["rows"][label] = measure(student, teacher, work, label, quant, options, block)
+        save(out, results)
+
+    for label, (quant, options) in ROWS.items():
+        run(label, quant, options)
+    int4 = {k: v for k, v in results["rows"].items() if v["quant"] == "int4" and v["block"] == 32}
+    if int4 and args.blocks:
+        best = min(int4, key=lambda k: int4[k]["perplexity"])
+        for block in (int(b) for b in args.blocks.split(",") if b):
+            quant, options = ROWS[best]
+            run(f"{best}@{block}", quant, options, block)
+    layers = tuple(int(x) for x in args.undone.split(",") if x)
+    if layers and ("undone" not in results or "undone" in args.fresh):
+        print("== undone", file=sys.stderr, flush=True)
+        results["undone"] = undone(student, teacher, student_dir, layers)
+    save(out, results)
+    print(table(results))
+
+
+def make_student(teacher, work: Path, args) -> Path:
+    """The pruned, briefly distilled student (resumes its training; done once)."""
+    from jishi.distill.kd import KDConfig
+    from jishi.distill.student import DistillOptions, distill
+    from jishi.heldout import calibration_text
+
+    out = work / f"student-L{args.layers}-s{args.steps}"
+    if (out / "jishi_distill.json").is_file():
+        return out
+    data = work / "calibration.txt"
+    if not data.is_file():
+        data.write_text(calibration_text(), encoding="utf-8")
+    config = KDConfig(steps=args.steps, batch_size=4, seq_len=256, eval_every=max(1, args.steps // 4),
+                      checkpoint_every=max(1, args.steps // 4), eval_windows=4)
+    distill(teacher, out, DistillOptions(layers=args.layers, data=(str(data),), resume=True), config)
+    return out
+
+
+def describe_student(path: Path) -> dict:
+    rec = json.loads((path / "jishi_distill.json").read_text())
+    training = rec["training"]
+    return {"teacher": rec["teacher"]["name"], "layers_kept": rec["plan"]["layers"], "steps": training["steps_done"],
+            "tokens": training["tokens"], "heldout_kl_before": rec["heldout"]["before"], "heldout_kl_after": rec["heldout"]["after"]}
+
+
+def measure(student, teacher, work: Path, label: str, quant: str, options: dict, block: int) -> dict:
+    import shutil
+
+    from jishi.pipeline import build
+    from jishi.runtime.bundle import open_bundle
+
+    target = work / "bundles" / label.replace("@", "-b")
+    shutil.rmtree(target, ignore_errors=True)
+    load = os.getloadavg()[0]
+    t0 = time.time()
+    build(student, quant, target, block=block, teacher=teacher, merge_points=False, **options)
+    seconds = time.time() - t0
+    bundle = open_bundle(target)
+    q, ev = bundle.manifest.graph.quantization, bundle.manifest.evaluation
+    cal = q.get("calibration") or {}
+    if quant == "int4" and not cal:  # round-to-nearest calibrates nothing: its layer output error measured the same way
+        cal = {"output_error": rtn_output_error(student, block)}
+    row = {"quant": quant, "block": block, "method": q.get("method"), **{k: v for k, v in options.items() if k != "method"},
+           "perplexity": ev["perplexity"], "fp32_perplexity": ev["reference_perplexity"],
+           "vs_fp32": round(ev["perplexity"] / ev["reference_perplexity"] - 1, 4), "top1_vs_fp32": ev["top1_agreement"],
+           "kl_vs_teacher": ev["teacher"]["kl"], "teacher_perplexity": ev["teacher"]["perplexity"],
+           "layer_output_error": cal.get("output_error"), "awq_alpha": cal.get("awq_alpha"),
+           "size_mb": round(bundle.size / 1e6, 1), "build_seconds": round(seconds, 1), "load_avg_at_start": round(load, 2),
+           "heldout": ev["heldout"], "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+    shutil.rmtree(target, ignore_errors=True)  # the figures are what is kept
+    return row
+
+
+def undone(student, teacher, student_dir: Path, layers) -> dict:
+    """How much of the distillation each method takes back, per layer and input: the student's weights are
+    the pruned teacher's plus a change Δ; with e = Ŵ − W the error a method leaves, the share undone is
+    ⟨e, −Δ⟩ / ⟨Δ, Δ⟩ in the layer-output inner product ⟨a, b⟩ = tr(a·H·bᵀ) (1: all of Δ rounded away)."""
+    import numpy as np
+
+    from jishi.distill.prune import calibration_batches
+    from jishi.export.calibrate import READERS, layer_statistics, quantize_group
+    from jishi.export.from_torch import model_config, numpy_weights
+
+    kept = json.loads((student_dir / "jishi_distill.json").read_text())["plan"]["layers"]
+    cfg = model_config(student.model.config, 256)
+    ws = numpy_weights(student.model, cfg)
+    wt = numpy_weights(teacher.model, model_config(teacher.model.config, 256))
+    out = {}
+    for i, stats in layer_statistics(student.model, calibration_batches(student.runtime_tokenizer(), 16, 256)):
+        if i > max(layers):
+            break
+        if i not in layers:
+            continue
+        for key, readers in READERS.items():
+            w = np.concatenate([ws[f"model.layers.{i}.{r}.weight"] for r in readers])
+            delta = w - np.concatenate([wt[f"model.layers.{kept[i]}.{r}.weight"] for r in readers])
+            H = stats[key].hessian
+            row = {}
+            for label, method, act_order in (("rtn", "rtn", False), ("gptq", "gptq", False), ("gptq-act", "gptq", True)):
+                e = quantize_group(w, stats[key], method, act_order=act_order)[0].dequantize() - w
+                row[label] = round(float(-np.einsum("ij,ij->", e @ H, delta) / np.einsum("ij,ij->", delta @ H, delta)), 3)
+            out[f"layer {i} {key}"] = row
+    return out
+
+
+def rtn_output_error(student, block: int) -> float:
+    from jishi.distill.prune import calibration_batches
+    from jishi.export.calibrate import calibrate
+    from jishi.export.from_torch import model_config, numpy_weights
+
+    cfg = model_config(student.model.config, 256)
+    batches = calibration_batches(student.runtime_tokenizer(), 16, 256)
+    return calibrate(student.model, cfg, numpy_weights(student.model, cfg), batches, "rtn", 4, block).record["output_error"]
+
+
+def save(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def table(results: dict) -> str:
+    rows = results["rows"]
+    fp32 = next(iter(rows.values()))["fp32_perplexity"] if rows else float("nan")
+    lines = [f"student fp32 perplexity {fp32:.2f}",
+             "| weights | block | perplexity | vs fp32 | top-1 vs fp32 | KL vs teacher | layer output error | size MB | build s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        err = "" if r["layer_output_error"] is None else f"{r['layer_output_error']:.4f}"
+        lines.append(f"| {NAMES[label.split('@')[0]]} | {r['block']} | {r['perplexity']:.2f} | {100 * r['vs_fp32']:+.1f}% | "
+                     f"{100 * r['top1_vs_fp32']:.1f}% | {r['kl_vs_teacher']:.3f} | {err} | {r['size_mb']:.0f} | {r['build_seconds']:.0f} |")
+    if results.get("undone"):
+        lines += ["", "share of the distillation undone (layer-output metric):", "| layer, input | rtn | gptq | gptq-act |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {v['rtn']:.2f} | {v['gptq']:.2f} | {v['gptq-act']:.2f} |" for k, v in results["undone"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
