@@ -21,7 +21,9 @@ why (``devices/profiles/*.toml``). What each knob is in onnxruntime 1.32:
   offsets are page aligned. Measured with a page-aligned copy of the default int4 bundle
   (bench/runtime_settings.py): the same RSS after load and at the peak, because prepacking
   builds its own copy of every MatMulNBits weight either way; so the bundle writer keeps
-  packing weights back to back, and no profile asks for it.
+  packing weights back to back, and no profile asks for it. onnxruntime maps the external
+  weights either way, and the pages prepacking read stay resident: ``release_mapped_weights``
+  pages them out once the session is made (runtime/memory.py; 300 → 274 MB on the default bundle).
 - execution provider: the CPU provider everywhere, unless the profile names a GPU provider
   (the Jetson profile: CUDA) and this onnxruntime has it, then that first and the CPU one
   behind it. The KV cache, the decode-step buffers and the logits stay numpy arrays in host
