@@ -21,7 +21,8 @@ from jishi.devices.profiles import Profile
 
 PER_LAYER_S = 0.245e-3  # measured on the build machine (see above)
 BANDWIDTH_FRACTION = 1.0  # of the profile's bandwidth that weight reads reach (measured: ~1.0)
-RUNTIME_OVERHEAD = 130 * 2**20  # Python, onnxruntime, tokenizer and prefill scratch: measured 130 MB
+RUNTIME_OVERHEAD = 105 * 2**20  # Python, onnxruntime, tokenizer and prefill scratch: measured 105 MB once the
+# weights file's pages that prepacking read are given back (runtime/memory.py; 130 MB before)
 FREE_FOR_OS = 0.85  # of RAM the model may use; the rest is left to the system
 
 # Rough single-core speed relative to a core of the build machine (assumption; see above).

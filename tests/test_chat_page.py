@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def page_server(tmp_path_factory, tiny_tokenizer):
-    model = jishi.load(build_endless(tiny_tokenizer, tmp_path_factory.mktemp("page"), adapter=True), threads=1)
+    # Speculation off: the page's stop button needs an answer that is still being written when it looks.
+    model = jishi.load(build_endless(tiny_tokenizer, tmp_path_factory.mktemp("page"), adapter=True), threads=1,
+                       speculation="off")
     with LiveServer(model, max_concurrent=2, queue=2, max_tokens=4000) as s:
         yield s
 

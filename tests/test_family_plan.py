@@ -67,5 +67,6 @@ def test_memory_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, tin
     done = subprocess.run([sys.executable, "-c", RUN, str(bundle)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     measured = int(done.stdout.strip().splitlines()[-1])
-    # measured here: estimate 214 MB, peak RSS 190 MB (+13%)
+    # measured here: estimate 189 MB, peak RSS 164 MB (+15%), since the runtime gives back the weights file's
+    # pages prepacking read (before: 214 and 190 MB)
     assert abs(est.memory_bytes / measured - 1) <= 0.20, (est.memory_bytes, measured)
