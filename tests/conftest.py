@@ -97,6 +97,18 @@ def _train_tokenizer():
     return tok
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The build machine is shared: one torch thread keeps training and calibration tests fast and
+    deterministic. A module asks for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return _train_tokenizer()

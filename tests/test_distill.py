@@ -17,13 +17,7 @@ torch = pytest.importorskip("torch")
 from jishi.errors import JishiError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The build machine is shared: one torch thread keeps these tests fast and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -85,3 +85,13 @@ def read_template(path: str) -> str:
     if not text.strip():
         raise JishiError(f"the chat template {p} is empty")
     return text
+
+
+def read_text_file(path: str, what: str) -> str:
+    """The UTF-8 text of a file named on the command line, or a JishiError naming it and why."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise JishiError(f"cannot read {what} {path}: {e}") from None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from jishi.errors import JishiError
 
-from .common import key_values, named_dir, read_template
+from .common import key_values, named_dir, read_template, read_text_file
 
 
 def register(sub) -> None:
@@ -186,12 +186,7 @@ def build(args) -> int:
         raise JishiError(("--calibrated" if args.calibrated else f"--method {method}") + f" applies to int4 only, not {quant}")
     if args.calibration_sequences < 1:
         raise JishiError("--calibration-sequences must be at least 1")
-    calibration = None
-    if args.calibration:
-        try:
-            calibration = Path(args.calibration).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise JishiError(f"cannot read the calibration file {args.calibration}: {e}") from None
+    calibration = read_text_file(args.calibration, "the calibration file") if args.calibration else None
     base, teacher = args.base, None
     if args.distill:
         quant = quant or "int4"
@@ -327,12 +322,7 @@ def evaluate(args) -> int:
     for spec in specs:
         if not Path(spec).exists() and "/" in spec:
             raise JishiError(f"no bundle or model directory {spec}")
-    text = None
-    if args.data:
-        try:
-            text = Path(args.data).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise JishiError(f"cannot read {args.data}: {e}") from None
+    text = read_text_file(args.data, "the text file") if args.data else None
     if args.window < 8:
         raise JishiError("--window must be at least 8 tokens")
     rows, info = evaluate_models(specs, args.teacher, text, args.window, args.max_windows, args.decode_tokens,
