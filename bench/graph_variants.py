@@ -13,7 +13,7 @@ KIND is one of
   the floor the side path is measured against).
 
 Each copy has no merge points (its manifest says so) and a copy of the weights file. Compare them
-with ``bench/profile.py BUNDLE VARIANT ... --paired ROUNDS``.
+with ``bench/token_profile.py BUNDLE VARIANT ... --paired ROUNDS``.
 """
 
 from __future__ import annotations

@@ -559,7 +559,7 @@ def constant_side_paths(graph_path: Path, out: Path, block: int) -> Path:
     prepacks both; a graph input cannot be. Side paths with no correction (a one-row zero B, the
     runtime's sign of it) go, as ``strip_merge_points`` does. The logits are those of the
     merge-point graph with its default inputs bound, bit for bit (tests). Measured on SmolLM2-135M
-    (bench/profile.py --paired, 2 threads): decode steps 0.90–0.99 of the inputs' form in six
+    (bench/token_profile.py --paired, 2 threads): decode steps 0.90–0.99 of the inputs' form in six
     sittings (median 0.97), the same with 1 thread; a MatMul reading an input repacks it each run.
     """
     model = onnx.load(str(graph_path), load_external_data=False)

@@ -4,7 +4,7 @@ onnxruntime maps each external initializer from the weights file. MatMulNBits co
 into a prepacked layout when the session is made, so most of those pages are read once, then stay
 counted in the process's resident memory (clean, file-backed) until the kernel needs the room. The
 tied embedding table is the largest: the LM head's prepacking reads all of it, the embedding gather
-then reads one row per token. Measured on the default bundle of SmolLM2-135M (bench/profile.py):
+then reads one row per token. Measured on the default bundle of SmolLM2-135M (bench/token_profile.py):
 29 MB of the weights file resident after load, 43 MB after a 128-token answer, of which 14 MB are
 read on every step (the zero-point corrections) and the rest is the table.
 

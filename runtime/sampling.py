@@ -94,7 +94,7 @@ def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
     the tied ones may be picked).
 
     Partitioning the whole vocabulary took about 1.7 ms of a 10 ms decode step (49,152 logits,
-    numpy 2.4; bench/profile.py). Instead the logits are cut into at least 16·k groups, whose maxima
+    numpy 2.4; bench/token_profile.py). Instead the logits are cut into at least 16·k groups, whose maxima
     are one elementwise maximum over rows; the k-th largest of those maxima is a floor that at
     least k logits reach (one in each of the top k groups), so the k largest are among the logits
     at or above it, usually a few more than k, and only those are partitioned.

@@ -127,3 +127,12 @@ def test_a_forbidden_import_fails_both_checks(tmp_path):
     assert done.returncode == 1
     assert "the runtime never needs the build stack" in done.stdout and "BROKEN" in done.stdout
     assert "jishi.runtime.sampling -> torch" in done.stdout
+
+
+def test_no_script_folder_shadows_the_standard_library():
+    """A script runs with its own folder first on sys.path, so bench/profile.py once hid the stdlib's
+    ``profile`` (cProfile imports it) and every benchmark that imported transformers died."""
+    root = Path(__file__).resolve().parent.parent
+    clashes = sorted(f"{p.parent.name}/{p.name}" for folder in ("bench", "scripts", "examples")
+                     for p in (root / folder).glob("*.py") if p.stem in sys.stdlib_module_names)
+    assert clashes == [], f"rename these: a module of that name in the standard library is shadowed: {clashes}"

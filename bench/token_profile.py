@@ -1,7 +1,7 @@
 """Where each decoded token's time and each megabyte of memory go, for jishi bundles and, beside
 them, onnxruntime-genai's int4 graph run the same way.
 
-    python bench/profile.py BUNDLE [BUNDLE ...] [--genai DIR] [--repeats 3] [--tokens 128] [--threads 2]
+    python bench/token_profile.py BUNDLE [BUNDLE ...] [--genai DIR] [--repeats 3] [--tokens 128] [--threads 2]
 
 Every measurement runs in a fresh process, one system after another, alternating, ``--repeats``
 times; the tables are medians. In each process:
@@ -29,7 +29,7 @@ two graphs are compared and not the two Python loops. The load average and other
 CPU time are recorded with every run; runs where others used more than ``--max-others`` CPUs
 on average are left out of the medians (and counted). Writes bench/results/profile-<date>.json.
 
-    python bench/profile.py BUNDLE [BUNDLE ...] --ab '{}' '{"spinning": true}' [--repeats 5]
+    python bench/token_profile.py BUNDLE [BUNDLE ...] --ab '{}' '{"spinning": true}' [--repeats 5]
 
 is the A/B mode: no profiler and no load-only processes, only time and memory, every bundle (and
 the genai graph) under each change of jishi's runtime settings (the fields of
