@@ -1,7 +1,7 @@
 """The classroom server under load: jishi batched, jishi unbatched and llama.cpp's server (by hand, not in CI).
 
     python bench/serve.py [--bundle /tmp/smol-int4] [--levels 1 4 8 16 32] [--seconds 15] [--repeats 2]
-                          [--threads 2] [--max-tokens 64] [--llamacpp-python bench/.venv-llamacpp/bin/python]
+                          [--threads 2] [--max-tokens 64] [--llamacpp-python .venv-peers/bin/python]
 
 Starts every server at once on 127.0.0.1 (jishi's int4 bundle twice, with and without
 ``--batch``, and llama-cpp-python's server on the same base's GGUF, each with the same
@@ -16,7 +16,7 @@ the repeats, the load average and the CPU other processes used. Writes
 bench/results/serve-<date>.json and prints a table with ratios.
 
 llama-cpp-python needs a compiler and lives in its own environment:
-``python3 -m venv bench/.venv-llamacpp && bench/.venv-llamacpp/bin/pip install 'llama-cpp-python[server]'``.
+``bash bench/setup_peers.sh`` (.venv-peers).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--llamacpp-python", default=str(ROOT / "bench" / ".venv-llamacpp" / "bin" / "python"))
+    ap.add_argument("--llamacpp-python", default=str(ROOT / ".venv-peers" / "bin" / "python"))
     ap.add_argument("--systems", nargs="+", default=["jishi batched", "jishi unbatched", "llama.cpp server"])
     args = ap.parse_args()
 

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 [ -x .venv-peers/bin/python ] || python3 -m venv .venv-peers
 .venv-peers/bin/pip install --quiet torch==2.13.0
 .venv-peers/bin/pip install --quiet transformers onnxruntime-genai onnx-ir onnx onnxruntime numpy gguf accelerate
-.venv-peers/bin/pip install --quiet llama-cpp-python
+.venv-peers/bin/pip install --quiet 'llama-cpp-python[server]'  # the server extras: bench/serve.py runs its server
