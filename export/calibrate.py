@@ -134,7 +134,7 @@ def layer_statistics(model, batches):
 
 
 def quantize_group(w: np.ndarray, stats: InputStats, method: str, bits: int = 4, block: int = 32, damp: float = DAMP,
-                   act_order: bool = ACT_ORDER, alphas=None, scalable: bool = True):
+                   act_order: bool = ACT_ORDER, alphas=None, scalable: bool = True, exact_zero_points: bool = True):
     """The codes of ``w`` (the rows of every weight that reads one input, n × k) by ``method``, given that input's
     statistics: ``(QuantizedWeight, s, α)``, the codes in the basis of the inputs divided by ``s`` (None and None
     when nothing is scaled: a method without AWQ, or an input with no norm to fold scales into)."""
@@ -144,13 +144,14 @@ def quantize_group(w: np.ndarray, stats: InputStats, method: str, bits: int = 4,
 
     def quantize(ws: np.ndarray, hs: np.ndarray) -> QuantizedWeight:
         if use_gptq:
-            return gptq_quantize(ws, hs, bits, block, damp=damp, act_order=act_order)
-        return quantize_asymmetric(ws, bits, block, correct=True)
+            return gptq_quantize(ws, hs, bits, block, damp=damp, act_order=act_order,
+                                 exact_zero_points=exact_zero_points)
+        return quantize_asymmetric(ws, bits, block, correct=exact_zero_points)
 
     H = stats.hessian
     if not (use_awq and scalable):
         return quantize(w, H), None, None
-    rtn = lambda ws, hs: quantize_asymmetric(ws, bits, block, correct=True).dequantize()  # noqa: E731
+    rtn = lambda ws, hs: quantize_asymmetric(ws, bits, block, correct=exact_zero_points).dequantize()  # noqa: E731
     _, alpha, _ = awq.search(w, H, stats.mean_abs, rtn, tuple(awq.ALPHAS if alphas is None else alphas))
     best = None
     for a in sorted({0.0, alpha}) if use_gptq else [alpha]:
@@ -163,9 +164,11 @@ def quantize_group(w: np.ndarray, stats: InputStats, method: str, bits: int = 4,
 
 
 def calibrate(model, cfg, weights: dict[str, np.ndarray], batches, method: str = "gptq", bits: int = 4, block: int = 32,
-              damp: float = DAMP, act_order: bool = ACT_ORDER, alphas=None, progress=None) -> Calibrated:
+              damp: float = DAMP, act_order: bool = ACT_ORDER, alphas=None, progress=None,
+              exact_zero_points: bool = True) -> Calibrated:
     """int4 codes for every block projection of ``model`` (``weights``: its numpy weights in the Llama layout,
-    as the graph reads them, left unchanged) by ``method``; norms the scaling changed come back in ``norms``."""
+    as the graph reads them, left unchanged) by ``method``; norms the scaling changed come back in ``norms``.
+    ``exact_zero_points``: see ``gptq_quantize``."""
     from jishi.export import awq
     from jishi.families import features_of
 
@@ -183,7 +186,7 @@ def calibrate(model, cfg, weights: dict[str, np.ndarray], batches, method: str =
             parts = [weights[n] for n in names]
             w = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
             qw, s, alpha = quantize_group(w, stats[key], method, bits, block, damp, act_order, alphas,
-                                          scalable=key in norm_before)
+                                          scalable=key in norm_before, exact_zero_points=exact_zero_points)
             if s is not None:
                 chosen[key].append(alpha)
                 norm = f"{p}{norm_before[key]}.weight"
@@ -196,7 +199,8 @@ def calibrate(model, cfg, weights: dict[str, np.ndarray], batches, method: str =
                 start += part.shape[0]
             if progress:
                 progress(len(names))
-    out.record = {"output_error": round(float(np.mean(errors)), 5)}
+    out.record = {"output_error": round(float(np.mean(errors)), 5),
+                  "zero_points": "exact" if exact_zero_points else "integer"}
     if method in ("gptq", "awq-gptq"):
         out.record.update(damp=damp, act_order=act_order)
     if method in ("awq", "awq-gptq"):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jishi.export.quant import QuantizedWeight, from_grid
+from jishi.export.quant import QuantizedWeight, from_codes, from_grid
 
 DAMP = 0.01  # fraction of the mean Hessian diagonal added to it
 # The build's default walk. By activation order each layer's output error is lower (on the 20-block student of
@@ -42,8 +42,12 @@ ACT_ORDER = False
 
 
 def gptq_quantize(w: np.ndarray, hessian, bits: int = 4, block: int = 32, damp: float = DAMP,
-                  act_order: bool = False, lazy: int = 128) -> QuantizedWeight:
-    """GPTQ of ``w`` (out × in) given the inputs' Hessian (in × in); returns MatMulNBits form."""
+                  act_order: bool = False, lazy: int = 128, exact_zero_points: bool = True) -> QuantizedWeight:
+    """GPTQ of ``w`` (out × in) given the inputs' Hessian (in × in); returns MatMulNBits form.
+
+    ``exact_zero_points``: each block's grid runs from its minimum to its maximum (``scale·q + min``), which
+    MatMulNBits reaches only with a correction side path; without, the grid holds 0 and its zero point is a
+    code (``scale·(q − zp)``), MatMulNBits' own form with no extra nodes."""
     import torch
 
     W = torch.tensor(np.asarray(w, dtype=np.float32), dtype=torch.float64)
@@ -65,10 +69,26 @@ def gptq_quantize(w: np.ndarray, hessian, bits: int = 4, block: int = 32, damp: 
     static = act_order
     scales = torch.zeros((n, nb), dtype=torch.float32)
     mins = torch.zeros((n, nb), dtype=torch.float32)
+    zeros = torch.zeros((n, nb), dtype=torch.float32)  # integer zero points, when not exact
+
+    def grid(lo, hi):
+        """A block grid from its weights' range: (scale, minimum, zero point)."""
+        if exact_zero_points:
+            return (hi - lo) / qmax, lo, None
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+        scale = (hi - lo) / qmax
+        zp = torch.clamp(torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale))), 0, qmax)
+        return scale, -scale * zp, zp
+
+    def take(b, g):
+        scales[:, b], mins[:, b] = g[0], g[1]
+        if g[2] is not None:
+            zeros[:, b] = g[2]
+
     if static:  # every block's grid from the original weights, as round-to-nearest would choose it
         wb = W.float().reshape(n, nb, block)
-        mins = wb.amin(dim=2)
-        scales = (wb.amax(dim=2) - mins) / qmax
+        for b in range(nb):
+            take(b, grid(wb[:, b].amin(dim=1), wb[:, b].amax(dim=1)))
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
     W = W[:, perm]
     H = H[perm][:, perm]
@@ -86,8 +106,7 @@ def gptq_quantize(w: np.ndarray, hessian, bits: int = 4, block: int = 32, damp: 
             b = col // block
             if not static and col % block == 0:  # the block's grid, from its weights as they are now
                 grp = W1[:, i:i + block].float()
-                mins[:, b] = grp.amin(dim=1)
-                scales[:, b] = (grp.amax(dim=1) - mins[:, b]) / qmax
+                take(b, grid(grp.amin(dim=1), grp.amax(dim=1)))
             lo, scale = mins[:, b], scales[:, b]
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
             w_col = W1[:, i]
@@ -97,6 +116,8 @@ def gptq_quantize(w: np.ndarray, hessian, bits: int = 4, block: int = 32, damp: 
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    if not exact_zero_points:
+        return from_codes(codes.numpy(), scales.numpy(), zeros.numpy().astype(np.uint8), bits, block)
     return from_grid(codes.numpy(), scales.numpy(), mins.numpy(), bits, block)
 
 

@@ -68,7 +68,7 @@ def test_greedy_generation_matches_transformers_generate(family, tiny_dirs, tmp_
     assert_greedy_agrees(got, expected, margins, ATOL)
 
 
-def _dequantized_reference(model, quant, head_bits=8):
+def _dequantized_reference(model, quant, head_bits=8, exact=True):
     """The torch model with the exact weights the quantized graph stores (dequantized)."""
     from jishi.export.quant import quantize_asymmetric, quantize_symmetric_int8
 
@@ -78,7 +78,7 @@ def _dequantized_reference(model, quant, head_bits=8):
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and ".layers." in name:
                 w = mod.weight.numpy()
-                qw = quantize_asymmetric(w, 4, 32, correct=True) if quant == "int4" else quantize_asymmetric(w, 8, 32, correct=False)
+                qw = quantize_asymmetric(w, 4, 32, correct=exact) if quant == "int4" else quantize_asymmetric(w, 8, 32, correct=False)
                 mod.weight.copy_(torch.from_numpy(qw.dequantize()))
         for emb in {id(model.model.embed_tokens.weight): model.model.embed_tokens.weight,
                     id(model.lm_head.weight): model.lm_head.weight}.values():
@@ -86,11 +86,13 @@ def _dequantized_reference(model, quant, head_bits=8):
     return model
 
 
-@pytest.mark.parametrize("quant,head_bits", [("int4", 8), ("int8", 8), ("int4", 4)])
+@pytest.mark.parametrize("quant,head_bits,exact", [("int4", 8, True), ("int8", 8, True), ("int4", 4, True),
+                                                   ("int4", 8, False)])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_quantized_graph_computes_with_exactly_its_quantized_weights(family, quant, head_bits, tiny_dirs, tmp_path):
+def test_quantized_graph_computes_with_exactly_its_quantized_weights(family, quant, head_bits, exact, tiny_dirs, tmp_path):
     """At accuracy level 0 (float activations) the int4/int8 graph is the dequantized model, tightly,
-    with the embedding and LM head at 8 or 4 bits; a tied pair is stored once."""
+    with the embedding and LM head at 8 or 4 bits; a tied pair is stored once. int4 with integer zero
+    points has no correction nodes (two fewer per fused projection) and is its own dequantized model too."""
     from jishi.export.from_torch import model_config, numpy_weights, rotary
     from jishi.export.graph import QuantRecipe, build_decoder, save_model
     from jishi.runtime.engine import Engine, make_session
@@ -98,8 +100,11 @@ def test_quantized_graph_computes_with_exactly_its_quantized_weights(family, qua
     model = _torch_model(tiny_dirs[family])
     cfg = model_config(model.config, 128)
     inv_freq, scaling = rotary(model)
-    graph = build_decoder(cfg, numpy_weights(model), inv_freq, QuantRecipe(quant, accuracy_level=0, head_bits=head_bits),
-                          scaling)
+    graph = build_decoder(cfg, numpy_weights(model), inv_freq,
+                          QuantRecipe(quant, accuracy_level=0, head_bits=head_bits, zero_point_correction=exact), scaling)
+    if quant == "int4":
+        corrections = sum(n.op_type == "Gemm" for n in graph.graph.node)
+        assert corrections == (4 * cfg.num_layers if exact else 0)
     names = {t.name for t in graph.graph.initializer}
     assert "lm_head.qweight" in names
     assert ("model.embed_tokens.qweight" in names) == (not cfg.tie_word_embeddings)
@@ -108,7 +113,7 @@ def test_quantized_graph_computes_with_exactly_its_quantized_weights(family, qua
 
     ids = list(range(5, 69))
     with torch.no_grad():
-        expected = _dequantized_reference(model, quant, head_bits)(torch.tensor([ids])).logits[0].numpy()
+        expected = _dequantized_reference(model, quant, head_bits, exact)(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(engine.feed(ids, all_logits=True), expected, atol=ATOL, rtol=0)
 
 

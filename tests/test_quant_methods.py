@@ -122,6 +122,25 @@ def test_round_to_nearest_stays_available_by_name_and_the_aliases_agree(tiny_dir
     assert done.returncode == 1 and "--method gptq applies to int4 only, not int8" in done.stderr
 
 
+def test_integer_zero_points_are_a_build_choice_recorded_in_the_manifest(tiny_dirs, tmp_path):
+    """``--zero-points integer``: GPTQ onto MatMulNBits' own grid, no correction node in the graph, and
+    the choice on record; asked of a bundle that is not int4 it is refused with the reason."""
+    import onnx
+
+    done = _cli("build", "--base", str(tiny_dirs["llama"]), "--method", "gptq", "--zero-points", "integer",
+                "--calibration-sequences", "4", "--context", "64", "--no-eval", "-o", str(tmp_path / "int"))
+    assert done.returncode == 0, done.stderr
+    q = _manifest(tmp_path / "int")["graph"]["quantization"]
+    assert q["zero_point_correction"] is False and q["calibration"]["zero_points"] == "integer"
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int" / "model.onnx"), load_external_data=False).graph.node]
+    assert "Gemm" not in ops and ops.count("MatMulNBits") == 4 * 2 + 1
+    # the adapter graph's side paths are the merge points alone: nothing to add when no adapter is bound
+    assert _manifest(tmp_path / "int")["merge_points"]["a_default"] == "zeros"
+    done = _cli("build", "--base", str(tiny_dirs["llama"]), "--quant", "int8", "--zero-points", "integer",
+                "-o", str(tmp_path / "x"))
+    assert done.returncode == 1 and "--zero-points applies to int4 bundles (this one is int8)" in done.stderr
+
+
 def test_bad_method_options_are_refused_with_what_to_do(llama, tmp_path):
     from jishi.pipeline import build
 
@@ -198,6 +217,40 @@ def test_act_order_keeps_every_blocks_grid_in_place_and_runs_in_matmul_nbits():
     assert (unpack(q.packed, 4, q.n, q.k) != unpack(rtn.packed, 4, rtn.n, rtn.k)).mean() > 0.05
     x = inputs(4)
     np.testing.assert_allclose(run_matmul_nbits(q, x), x @ q.dequantize().T, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_integer_zero_points_are_matmul_nbits_own_form_and_gptq_still_beats_rounding_on_them(seed):
+    """On the integer-zero-point grid (0 on the grid, the zero point a code) there is no correction: the codes
+    run in MatMulNBits as they are, every value is ``scale·(q − zp)``, and GPTQ moves the layer's output less
+    than round-to-nearest does on that same grid, in either walk."""
+    from jishi.export.calibrate import InputStats, quantize_group
+    from jishi.export.gptq import gptq_quantize, output_error
+    from jishi.export.quant import quantize_asymmetric, unpack, unpack_zero_points
+    from test_quant import run_matmul_nbits
+
+    w, inputs = _layer(seed)
+    calib, fresh = inputs(2048), inputs(1024)
+    H = calib.T.astype(np.float64) @ calib / len(calib)
+    rtn = quantize_asymmetric(w, 4, 32, correct=False)
+    for act_order in (False, True):
+        q = gptq_quantize(w, H, 4, 32, act_order=act_order, exact_zero_points=False)
+        assert q.correction is None and q.default_zero_points() is False
+        codes = unpack(q.packed, 4, q.n, q.k).reshape(q.n, q.k // 32, 32).astype(np.float32)
+        zp = unpack_zero_points(q.zero_points, 4, q.n, q.k // 32).astype(np.float32)
+        np.testing.assert_array_equal(q.dequantize(), (q.scales[:, :, None] * (codes - zp[:, :, None])).reshape(q.n, q.k))
+        x = inputs(4)
+        np.testing.assert_allclose(run_matmul_nbits(q, x), x @ q.dequantize().T, atol=2e-5, rtol=0)
+        for data in (calib, fresh):
+            assert output_error(q.dequantize(), w, data) < 0.6 * output_error(rtn.dequantize(), w, data)
+    # by activation order the grids are round-to-nearest's on the same weights
+    q = gptq_quantize(w, H, 4, 32, act_order=True, exact_zero_points=False)
+    np.testing.assert_array_equal(q.scales, rtn.scales)
+    np.testing.assert_array_equal(q.zero_points, rtn.zero_points)
+    stats = InputStats(H, np.abs(calib).mean(0), len(calib))
+    for method in ("rtn", "gptq", "awq", "awq-gptq"):
+        qw, _, _ = quantize_group(w, stats, method, exact_zero_points=False)
+        assert qw.correction is None, method
 
 
 def test_damping_is_a_parameter_between_trusting_the_calibration_and_rounding():

@@ -14,6 +14,9 @@ from jishi.errors import JishiError
 from jishi.heldout import WINDOW, heldout_text, windows
 
 DEFAULT_CONTEXT = 2048
+# int4 of jishi's own methods: "exact" block minima (a correction side path per projection) or "integer" zero
+# points (MatMulNBits' own form). Chosen from bench/quant_methods.py (quality) and bench/spine.py (speed).
+ZERO_POINTS = "exact"
 
 
 def default_output(name: str, quant: str) -> Path:
@@ -42,6 +45,7 @@ def build(
     head_bits: int = 8,
     chat_template: str | None = None,
     check_memory: bool = True,
+    zero_points: str | None = None,
 ) -> Path:
     """Build a bundle from a base model; returns its directory.
 
@@ -58,6 +62,10 @@ def build(
     ``calibrated=True`` is ``method="gptq"``. Calibration runs on ``calibration`` (text; default
     the part of pydoc_data.topics after the held-out text), ``calibration_sequences`` sequences of
     min(256, context) tokens; a text that shares a passage with the held-out text is refused.
+    ``zero_points`` (int4 by jishi's own methods): ``exact`` puts each block's grid on its weights' minimum
+    and maximum, which MatMulNBits reaches only through a correction side path (two more nodes per
+    projection); ``integer`` keeps 0 on the grid and the zero point a code, MatMulNBits' own form;
+    None is ZERO_POINTS. A GGUF's own grids are kept as they are whatever this says.
     ``block`` is the int4/int8 block size; ``head_bits`` (8 or 4) the
     embedding table's and LM head's. ``chat_template`` (Jinja text) is stored in the bundle in place of the
     base's own (a pretrained base such as Gemma 3 270M has none). ``check_memory`` refuses, before
@@ -95,6 +103,8 @@ def build(
         raise JishiError(f"--method {method} applies to int4 only (asked for {quant})")
     from jishi.export.gptq import ACT_ORDER, DAMP
 
+    if zero_points is not None and zero_points not in ("exact", "integer"):
+        raise JishiError(f"zero points are 'exact' or 'integer', not {zero_points!r}")
     damp = DAMP if damp is None else damp
     act_order = ACT_ORDER if act_order is None else act_order
     if not 0 < damp < 1:
@@ -131,6 +141,10 @@ def build(
     from_gguf_file = Path(base_model.source).suffix.lower() == ".gguf" and Path(base_model.source).is_file()
     if quant is None:
         quant = "gguf" if from_gguf_file and merged is None and method is None and head_bits == 8 else "int4"
+    if zero_points is not None and quant != "int4":
+        raise JishiError(f"--zero-points applies to int4 bundles (this one is {quant}"
+                         + ("; a GGUF base keeps its own grids unless built with --quant int4)" if quant == "gguf" else ")"))
+    zero_points = ZERO_POINTS if zero_points is None else zero_points
     if quant == "gguf" and not from_gguf_file:
         raise JishiError(f"--quant gguf keeps a GGUF file's own grids, and {base_model.source} is not a GGUF file; "
                          "use --quant int4 (or int8, fp16, fp32)")
@@ -175,13 +189,15 @@ def build(
         say(f"int4 by {METHOD_NAMES[method]}: {why}")
     if method in CALIBRATED:
         prequantized, calibration_record = _calibrate(base_model, cfg, weights, method, block, damp, act_order,
-                                                      calibration, calibration_sequences, min(256, context), quiet)
+                                                      calibration, calibration_sequences, min(256, context), quiet,
+                                                      exact_zero_points=zero_points == "exact")
     if quant == "gguf":
         recipe = QuantRecipe("gguf", block=grids.side_block, accuracy_level=accuracy_level, merge_points=merge_points,
                              zero_point_correction=grids.corrected, method="grid", reason=why)
     else:
         recipe = QuantRecipe(quant, block=block, accuracy_level=accuracy_level, merge_points=merge_points,
-                             method=method or "rtn", head_bits=head_bits, reason=why)
+                             method=method or "rtn", head_bits=head_bits, reason=why,
+                             zero_point_correction=zero_points == "exact")
     side_path = recipe.name in ("int4", "gguf") and recipe.zero_point_correction
     adapter_graph = "model.lora.onnx" if merge_points else None
     rope = rope_tables(base_model.model, cfg)
@@ -304,7 +320,7 @@ def default_method(quant: str, method: str | None, from_gguf: bool, merged, bloc
 
 
 def _calibrate(base, cfg, weights: dict, method: str, block: int, damp: float, act_order: bool, text: str | None,
-               sequences: int, seq_len: int, quiet: bool):
+               sequences: int, seq_len: int, quiet: bool, exact_zero_points: bool = True):
     """The calibrated int4 codes by weight name (``weights``' norms updated in place where the method scales
     them), and the record of the calibration for the manifest."""
     import hashlib
@@ -321,7 +337,7 @@ def _calibrate(base, cfg, weights: dict, method: str, block: int, damp: float, a
     with tqdm(total=7 * cfg.num_layers, desc=f"{METHOD_NAMES[method]} on calibration text", unit="weight",
               disable=quiet, file=sys.stderr) as bar:
         cal = calibrate(base.model, cfg, weights, batches, method, 4, block, damp=damp, act_order=act_order,
-                        progress=bar.update)
+                        progress=bar.update, exact_zero_points=exact_zero_points)
     weights.update(cal.norms)
     source = (f"a given text ({len(text):,} characters, sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]})" if given
               else f"pydoc_data.topics after character {HELDOUT_CHARS} less the lines the held-out text has")

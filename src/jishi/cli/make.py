@@ -34,6 +34,10 @@ def register(sub) -> None:
     b.add_argument("--act-order", action="store_true", default=None,
                    help="GPTQ by activation order (the loudest inputs first), every block's grid fixed up front from "
                         "the original weights, instead of in input order with each block's grid chosen as GPTQ reaches it")
+    b.add_argument("--zero-points", choices=["exact", "integer"],
+                   help="int4 by rtn/gptq/awq: exact puts each block's grid on its weights' minimum and maximum (a "
+                        "correction path beside every projection, slower to run); integer keeps 0 on the grid and its "
+                        "zero point a code, onnxruntime's own form (default: see the building guide)")
     b.add_argument("--block", type=int, default=32, help="int4/int8 block size along the input (16, 32, 64, 128; default 32)")
     b.add_argument("--head", choices=["int8", "int4"], default="int8",
                    help="int4/int8 bundles: bits of the embedding table and LM head (default int8, which keeps a Q8_0 "
@@ -204,7 +208,7 @@ def build(args) -> int:
                  calibration_sequences=args.calibration_sequences,
                  block=args.block, teacher=teacher, head_bits=int(args.head[3:]),
                  chat_template=read_template(args.chat_template) if args.chat_template else None,
-                 check_memory=not args.no_memory_check)
+                 check_memory=not args.no_memory_check, zero_points=args.zero_points)
     if adapters:
         from jishi.export.adapters import add_adapter
 
