@@ -11,8 +11,8 @@ checkpoint. Every row is a bundle built from it (``jishi.pipeline.build``) and m
 text against the student's own fp32 weights in torch (perplexity and top-1 agreement), plus KL against
 the teacher; each finished row is written at once to ``--out`` (JSON) and skipped on the next run, so an
 interrupted run continues where it stopped. Rows: round-to-nearest, GPTQ in input order, GPTQ by
-activation order (static groups), AWQ scaling with rounding, AWQ scaling with GPTQ, int8, all at
-block 32; then the best int4 method at blocks 16 and 64. Last, on a few layers, how much of the distillation each
+activation order (static groups), AWQ scaling with rounding, AWQ scaling with GPTQ, int8, and
+round-to-nearest and both GPTQ walks onto integer zero points (MatMulNBits' own grid), all at block 32; then the best int4 method at blocks 16 and 64. Last, on a few layers, how much of the distillation each
 method takes back (the student is the pruned teacher plus a small change). The table is printed as markdown.
 """
 
@@ -34,10 +34,16 @@ ROWS = {
     "awq": ("int4", {"method": "awq"}),
     "awq-gptq": ("int4", {"method": "awq-gptq", "act_order": False}),
     "int8": ("int8", {}),
+    # the same methods onto MatMulNBits' own grid (integer zero points): no correction path, faster to run
+    "rtn-int": ("int4", {"method": "rtn", "zero_points": "integer"}),
+    "gptq-int": ("int4", {"method": "gptq", "act_order": False, "zero_points": "integer"}),
+    "gptq-act-int": ("int4", {"method": "gptq", "act_order": True, "zero_points": "integer"}),
 }
 NAMES = {"rtn": "int4 round-to-nearest", "gptq": "int4 GPTQ, input order", "gptq-act": "int4 GPTQ, activation order",
          "awq": "int4 AWQ scaling + round-to-nearest", "awq-gptq": "int4 AWQ scaling + GPTQ",
-         "int8": "int8 round-to-nearest"}
+         "int8": "int8 round-to-nearest", "rtn-int": "int4 round-to-nearest, integer zero points",
+         "gptq-int": "int4 GPTQ, input order, integer zero points",
+         "gptq-act-int": "int4 GPTQ, activation order, integer zero points"}
 
 
 def main() -> None:
@@ -134,7 +140,7 @@ def measure(student, teacher, work: Path, label: str, quant: str, options: dict,
     q, ev = bundle.manifest.graph.quantization, bundle.manifest.evaluation
     cal = q.get("calibration") or {}
     if quant == "int4" and not cal:  # round-to-nearest calibrates nothing: its layer output error measured the same way
-        cal = {"output_error": rtn_output_error(student, block)}
+        cal = {"output_error": rtn_output_error(student, block, options.get("zero_points", "exact") == "exact")}
     row = {"quant": quant, "block": block, "method": q.get("method"), **{k: v for k, v in options.items() if k != "method"},
            "perplexity": ev["perplexity"], "fp32_perplexity": ev["reference_perplexity"],
            "vs_fp32": round(ev["perplexity"] / ev["reference_perplexity"] - 1, 4), "top1_vs_fp32": ev["top1_agreement"],
@@ -178,14 +184,15 @@ def undone(student, teacher, student_dir: Path, layers) -> dict:
     return out
 
 
-def rtn_output_error(student, block: int) -> float:
+def rtn_output_error(student, block: int, exact: bool = True) -> float:
     from jishi.distill.prune import calibration_batches
     from jishi.export.calibrate import calibrate
     from jishi.export.from_torch import model_config, numpy_weights
 
     cfg = model_config(student.model.config, 256)
     batches = calibration_batches(student.runtime_tokenizer(), 16, 256)
-    return calibrate(student.model, cfg, numpy_weights(student.model, cfg), batches, "rtn", 4, block).record["output_error"]
+    return calibrate(student.model, cfg, numpy_weights(student.model, cfg), batches, "rtn", 4, block,
+                     exact_zero_points=exact).record["output_error"]
 
 
 def save(path: Path, results: dict) -> None:

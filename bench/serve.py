@@ -12,7 +12,8 @@ until the level's time is up; answers in flight may finish within ``--grace`` se
 which they are cut and the tokens that arrived count (one cut before its first token counts
 its wait as its time to first token, a lower bound). Reported per server and
 level: total completion tokens per second, p50/p95 time to first token, the medians over
-the repeats, the load average and the CPU other processes used. Writes
+the repeats, the load average and the CPU other processes used. ``--before PYTHON BUNDLE`` adds an older jishi
+(another checkout's environment) beside the current one, for a before/after in one sitting. Writes
 bench/results/serve-<date>.json and prints a table with ratios.
 
 llama-cpp-python needs a compiler and lives in its own environment:
@@ -135,6 +136,13 @@ def start_servers(args) -> dict:
         proc = subprocess.Popen(jishi + [flag, "--port", str(port)], stdout=subprocess.DEVNULL,
                                 stderr=open(logs / f"{name.replace(' ', '-')}.log", "w"))
         servers[name] = {"proc": proc, "port": port, "extra": {"repetition_penalty": 1.0}}
+    if args.before:  # another jishi (an older checkout's environment) with its own bundle, batched
+        python, bundle = args.before
+        name = "jishi batched (before)"
+        port = free_port()
+        cmd = [python, "-m", "jishi", "serve", bundle] + jishi[5:] + ["--batch", "--port", str(port)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(logs / "jishi-before.log", "w"))
+        servers[name] = {"proc": proc, "port": port, "extra": {"repetition_penalty": 1.0}}
     if "llama.cpp server" in args.systems:
         if not Path(args.llamacpp_python).exists():
             print(f"{args.llamacpp_python} not found: llama.cpp's server is left out (see this script's help)",
@@ -210,6 +218,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--llamacpp-python", default=str(ROOT / ".venv-peers" / "bin" / "python"))
     ap.add_argument("--systems", nargs="+", default=["jishi batched", "jishi unbatched", "llama.cpp server"])
+    ap.add_argument("--before", nargs=2, metavar=("PYTHON", "BUNDLE"),
+                    help="also an older jishi, batched: the python of its environment and a bundle it built "
+                         "(a worktree of an earlier commit: before and after in one sitting)")
     args = ap.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
