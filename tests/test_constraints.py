@@ -155,3 +155,35 @@ def test_jishi_run_json_schema_and_a_bad_schema_file(tiny_bundles, tmp_path):
     assert done.returncode != 0 and "cannot read the grammar file" in done.stderr
     done = jishi_run("x", "--regex", "[0-9]{3}", "--max-tokens", "10")
     assert done.returncode == 0 and re.fullmatch(r"[0-9]{3}\n", done.stdout), done.stdout
+
+
+def _walk(matcher, tokenizer, text: str) -> int:
+    """Feed ``text``'s tokens while the grammar allows them; how many characters it took."""
+    ids = tokenizer.encode(text)
+    for k, t in enumerate(ids):
+        if not matcher.allowed()[t]:
+            return len(tokenizer.decode(ids[:k]))
+        matcher.accept(t)
+    return len(text)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_parallel_tool_calls_allow_several_call_blocks_and_off_exactly_one(model, parallel):
+    """OpenAI's ``parallel_tool_calls``: on, an answer may hold up to MAX_CALLS call blocks one after another;
+    off, the grammar ends after the first (the newline that would open a second is refused)."""
+    from jishi.runtime.server import tools as T
+
+    weather = T.Tool("get_weather", "", {"type": "object", "properties": {"city": {"type": "string"}},
+                                         "required": ["city"]})
+    one = T.OPEN + json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}}) + T.CLOSE
+    two = one + "\n" + one.replace("Paris", "Lima")
+    compiler = constraints.compiler_for(model.tokenizer, model.manifest.config.vocab_size)
+    m = compiler.matcher(T.constraint([weather], "required", parallel))
+    took = _walk(m, model.tokenizer, two)
+    if parallel:
+        assert took == len(two) and m.accepting and not m.stopped
+        assert [c["function"]["arguments"] for c in T.parse_calls(two)] == ['{"city": "Paris"}', '{"city": "Lima"}']
+        m = compiler.matcher(T.constraint([weather], "required", parallel))
+        assert _walk(m, model.tokenizer, "\n".join([one] * (T.MAX_CALLS + 1))) < len(one) * (T.MAX_CALLS + 1)
+    else:
+        assert took == len(one) and m.accepting

@@ -234,6 +234,7 @@ CHAT = [{"role": "user", "content": "hi"}]
     ({"messages": CHAT, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "fly"}}},
      "tool_choice", "'fly', which is not in 'tools' (get_weather)"),
     ({"messages": CHAT, "tool_choice": "required"}, "tool_choice", "no 'tools' are given"),
+    ({"messages": CHAT, "tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "true or false"),
     ({"messages": CHAT, "tools": [WEATHER], "response_format": {"type": "json_object"}}, "tools", "cannot be combined"),
 ])
 def test_bad_values_are_400s_naming_the_field(live, body, param, words):

@@ -383,7 +383,7 @@ def _plan(server: Server, req: Request, info: dict) -> tuple[list[dict], int]:
                   "context_length_exceeded")
     constraint, param = req.constraint, req.constraint_param
     if req.tools and req.tool_choice != "none":
-        constraint, param = T.constraint(list(req.tools), req.tool_choice), "tools"
+        constraint, param = T.constraint(list(req.tools), req.tool_choice, req.parallel_tool_calls), "tools"
     check_constraint(server, constraint, param)
     try:
         req.params.check_vocab(model.manifest.config.vocab_size)

@@ -61,6 +61,7 @@ class Request:
     constraint_param: str | None = None  # the field it came from, for errors
     tools: tuple = ()  # tools.Tool
     tool_choice: object = "auto"  # "auto", "none", "required" or a tool name
+    parallel_tool_calls: bool = True  # an answer may make several calls (up to tools.MAX_CALLS)
     given: tuple = ()  # (name, value) of the sampling values the request set: the rest are the model's defaults
     truncate: bool = False  # chat: drop the oldest turns (never a system message) to fit, instead of a 400
 
@@ -321,7 +322,11 @@ def parse_chat(body) -> Request:
     truncate = body.get("truncate", False)
     if not isinstance(truncate, bool):
         raise bad("'truncate' must be true or false", "truncate", "invalid_type")
-    return Request(messages=out, prompt=None, tools=tools, tool_choice=choice, truncate=truncate, **common)
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise bad("'parallel_tool_calls' must be true or false", "parallel_tool_calls", "invalid_type")
+    return Request(messages=out, prompt=None, tools=tools, tool_choice=choice, truncate=truncate,
+                   parallel_tool_calls=parallel, **common)
 
 
 def _tool_calls(calls, where: str) -> list[dict]:

@@ -14,7 +14,9 @@ message becomes a user turn holding a ``<tool_response>`` block.
 
 The answer is constrained (constraints.py): ``tool_choice`` "required" or a named function
 allows only a call whose arguments match that function's parameters; "auto" allows a call or
-plain text that does not start with "<"; "none" leaves tools out of the prompt.
+plain text that does not start with "<"; "none" leaves tools out of the prompt. With
+``parallel`` (OpenAI's ``parallel_tool_calls``, on unless a request turns it off) an answer may
+make up to MAX_CALLS calls, one block after another; off, exactly one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from jishi.runtime.constraints import close_objects, lark
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_CALLS = 4  # calls one answer may make when parallel calls are on (a bound keeps a small model from looping)
 
 FALLBACK = """You can call functions. Their descriptions and parameters (JSON Schema):
 <tools>
@@ -53,21 +56,24 @@ def call_schema(tool: Tool) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def call_grammar(tools: list[Tool], choice) -> str | None:
-    """The Lark grammar an answer must match for ``choice`` ("auto", "required", or a tool name); None for "none"."""
+def call_grammar(tools: list[Tool], choice, parallel: bool = False) -> str | None:
+    """The Lark grammar an answer must match for ``choice`` ("auto", "required", or a tool name); None for "none".
+    ``parallel``: one to MAX_CALLS calls, each on its own lines; else exactly one."""
     if choice == "none" or not tools:
         return None
     allowed = [t for t in tools if choice in ("auto", "required") or t.name == choice]
     schema = {"anyOf": [call_schema(t) for t in allowed],
               "x-guidance": {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}}
     rules = [f"call: {json.dumps(OPEN)} %json {json.dumps(schema)} {json.dumps(CLOSE)}"]
+    counts = range(1, MAX_CALLS + 1) if parallel else (1,)
+    rules.append("calls: " + " | ".join(" \"\\n\" ".join(["call"] * k) for k in counts))
     if choice == "auto":
-        return "\n".join(["start: call | text", *rules, r"text: /[^<][\s\S]*/"])
-    return "\n".join(["start: call", *rules])
+        return "\n".join(["start: calls | text", *rules, r"text: /[^<][\s\S]*/"])
+    return "\n".join(["start: calls", *rules])
 
 
-def constraint(tools: list[Tool], choice):
-    grammar = call_grammar(tools, choice)
+def constraint(tools: list[Tool], choice, parallel: bool = False):
+    grammar = call_grammar(tools, choice, parallel)
     return lark(grammar) if grammar else None
 
 
