@@ -3,6 +3,7 @@
     python bench/quant_methods.py                  # the student (a few minutes of training), then every method
     python bench/quant_methods.py --only gptq-act  # some rows only
     python bench/quant_methods.py --fresh awq      # measure a row again
+    python bench/quant_methods.py --model rotated  # the teacher on no grid (same logits), every method
 
 Run by hand, not in CI. The student is SmolLM2-135M-Instruct (``load_base("smollm2-135m-instruct")``,
 cached under ~/.cache/jishi) with 20 of its 30 blocks kept by block influence and distilled for
@@ -48,6 +49,11 @@ NAMES = {"rtn": "int4 round-to-nearest", "gptq": "int4 GPTQ, input order", "gptq
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=["student", "rotated"], default="student",
+                    help="student: the pruned, briefly distilled student (its weights are the teacher's grid plus a "
+                         "small change); rotated: the teacher itself with its residual stream turned by a random "
+                         "rotation (jishi.distill.rotate): the same logits, weights on no grid, as a Hugging Face "
+                         "fp16/bf16 checkpoint arrives")
     ap.add_argument("--layers", type=int, default=20, help="blocks the student keeps (default 20 of 30)")
     ap.add_argument("--steps", type=int, default=16, help="distillation steps of 4 x 256 tokens (default 16)")
     ap.add_argument("--threads", type=int, default=2)
@@ -57,13 +63,17 @@ def main() -> None:
     ap.add_argument("--undone", default="0,5,10", help="student layers on which to measure how much of the "
                     "distillation each method undoes (default 0,5,10; '' for none)")
     ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "quant-methods"))
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quant_methods.json"))
+    ap.add_argument("--out", help="results JSON (default bench/results/quant_methods.json, or "
+                    "quant_methods-rotated.json for --model rotated)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(ROOT / "bench" / "results" / ("quant_methods.json" if args.model == "student"
+                                                     else "quant_methods-rotated.json"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
     torch.set_num_threads(args.threads)
-    work, out = Path(args.work), Path(args.out)
+    work, out = Path(args.work) / ("rotated" if args.model == "rotated" else ""), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
     only = set(args.only.split(",")) if args.only else None
@@ -71,9 +81,15 @@ def main() -> None:
     from jishi.distill.base import load_base
 
     teacher = load_base("smollm2-135m-instruct")
-    student_dir = make_student(teacher, work, args)
-    student = load_base(str(student_dir))
-    results["student"] = describe_student(student_dir)
+    if args.model == "rotated":
+        student_dir = make_rotated(teacher, work)
+        student = load_base(str(student_dir))
+        results["student"] = {"teacher": teacher.name, "rotated": True, "seed": 0}
+        args.undone = ""  # nothing was distilled
+    else:
+        student_dir = make_student(teacher, work, args)
+        student = load_base(str(student_dir))
+        results["student"] = describe_student(student_dir)
     results["machine"] = {"threads": args.threads, "cpus": os.cpu_count()}
 
     def run(label: str, quant: str, options: dict, block: int = 32) -> None:
@@ -114,6 +130,20 @@ def make_student(teacher, work: Path, args) -> Path:
     config = KDConfig(steps=args.steps, batch_size=4, seq_len=256, eval_every=max(1, args.steps // 4),
                       checkpoint_every=max(1, args.steps // 4), eval_windows=4)
     distill(teacher, out, DistillOptions(layers=args.layers, data=(str(data),), resume=True), config)
+    return out
+
+
+def make_rotated(teacher, work: Path) -> Path:
+    """The teacher with its residual stream rotated, as a Hugging Face directory (done once)."""
+    import copy
+
+    from jishi.distill.rotate import rotate_residual
+
+    out = work / "rotated-s0"
+    if not (out / "config.json").is_file():
+        model = rotate_residual(copy.deepcopy(teacher.model).float(), seed=0)
+        model.save_pretrained(out)
+        teacher.tokenizer.save_pretrained(out)
     return out
 
 

@@ -68,8 +68,9 @@ def isa_label(cpu: dict) -> str:
     return ", ".join(shown) or "no AVX2"
 
 
-def prompts(tokenizer) -> dict:
-    """The same token ids for everyone: a 500-token prefill and a prompt of about 100 tokens.
+def prompts(tokenizer, long: int = 0) -> dict:
+    """The same token ids for everyone: a 500-token prefill and a prompt of about 100 tokens; with
+    ``long``, the same request over about that many tokens of text (decode after a long prompt).
 
     The chat prompt uses the base's chat template; a pretrained base without one (Gemma 3 270M)
     gets the same request as plain text. Both start with BOS where the base adds it."""
@@ -77,12 +78,19 @@ def prompts(tokenizer) -> dict:
 
     ids = tokenizer.encode(heldout_text(), bos=False)
     bos = [tokenizer.bos_id] if tokenizer.info.add_bos and tokenizer.bos_id is not None else []
-    request = f"Summarise this text in two sentences:\n{tokenizer.decode(ids[:80])}"
-    if tokenizer.info.chat_template:
-        chat = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": request}]))
-    else:
-        chat = tokenizer.encode(f"{request}\n\nSummary:")
-    return {"prefill": bos + ids[:500 - len(bos)], "chat": chat}
+
+    def request(n: int) -> list[int]:
+        text = f"Summarise this text in two sentences:\n{tokenizer.decode(ids[:n])}"
+        if tokenizer.info.chat_template:
+            return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+        return tokenizer.encode(f"{text}\n\nSummary:")
+
+    out = {"prefill": bos + ids[:500 - len(bos)], "chat": request(80)}
+    if long:
+        if len(ids) < long:
+            raise SystemExit(f"the held-out text has {len(ids)} tokens: --long {long} is more")
+        out["long"] = request(long - (len(out["chat"]) - 80))
+    return out
 
 
 def gguf_type_label(path: Path) -> str:
@@ -231,6 +239,9 @@ def summarise(runs: dict[str, list[dict]], sizes: dict[str, float]) -> dict:
     summary = {}
     for name, rs in runs.items():
         s = summary[name] = {k: statistics.median(r[k] for r in rs) for k in SUMMARY_KEYS}
+        if all("decode_long_tok_s" in r for r in rs):
+            s["decode_long_tok_s"] = statistics.median(r["decode_long_tok_s"] for r in rs)
+            s["long_vs_short"] = round(statistics.median(r["decode_long_tok_s"] / r["decode_tok_s"] for r in rs), 3)
         s["size_mb"] = sizes[name]
         s["runs"] = len(rs)
         s["noisy_runs"] = sum(r["noisy"] for r in rs)
@@ -246,13 +257,16 @@ def summarise(runs: dict[str, list[dict]], sizes: dict[str, float]) -> dict:
 
 
 def table_lines(summary: dict) -> list[str]:
+    long = all("long_vs_short" in s for s in summary.values()) and bool(summary)
     lines = ["| system | size MB | prefill tok/s | TTFT ms | decode tok/s | peak RSS MB | load s | decode ÷ default | "
-             "prefill ÷ default | noisy runs |", "|" + "---|" * 10]
+             "prefill ÷ default | " + ("decode after the long prompt tok/s | long ÷ short | " if long else "")
+             + "noisy runs |", "|" + "---|" * (12 if long else 10)]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['size_mb']:.0f} | {s['prefill_tok_s']:.0f} | {s['ttft_ms']:.0f} | "
                      f"{s['decode_tok_s']:.0f} | {s['peak_rss_mb']:.0f} | {s['load_s']:.2f} | "
                      f"{s.get('decode_vs_default', 1):.2f} | {s.get('prefill_vs_default', 1):.2f} | "
-                     f"{s['noisy_runs']}/{s['runs']} |")
+                     + (f"{s['decode_long_tok_s']:.0f} | {s['long_vs_short']:.2f} | " if long else "")
+                     + f"{s['noisy_runs']}/{s['runs']} |")
     return lines
 
 
@@ -290,6 +304,9 @@ def main() -> None:
                     help="llama.cpp's OpenMP wait policy; auto measures both once and keeps the faster")
     ap.add_argument("--noisy", type=float, default=0.25,
                     help="mark a run where other processes used more than this many cores on average")
+    ap.add_argument("--long", type=int, default=0, metavar="TOKENS",
+                    help="also decode after a prompt of about this many tokens (e.g. 1800; default off), and report "
+                         "its decode speed as a share of the one after the ~100-token prompt")
     ap.add_argument("--only", nargs="*", help="names of systems to run (substrings; default all)")
     ap.add_argument("--pool", nargs="+", type=Path, metavar="JSON",
                     help="run nothing: pool the runs of these sittings of one base into one table")
@@ -312,8 +329,9 @@ def main() -> None:
     bundle = open_bundle(systems[DEFAULT]["path"])
     tokenizer = Tokenizer(bundle.path(bundle.manifest.tokenizer.file), bundle.manifest.tokenizer)
     prompt_file = work / "prompts.json"
-    prompt_file.write_text(json.dumps(prompts(tokenizer)))
-    tokens = min(args.tokens, bundle.manifest.config.context_length - len(json.loads(prompt_file.read_text())["chat"]) - 1)
+    prompt_file.write_text(json.dumps(prompts(tokenizer, args.long)))
+    longest = max(len(v) for k, v in json.loads(prompt_file.read_text()).items() if k != "prefill")
+    tokens = min(args.tokens, bundle.manifest.config.context_length - longest - 1)
 
     peers = {}
     peers_ok = bool(args.peers_python) and Path(args.peers_python).exists()

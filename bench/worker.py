@@ -3,7 +3,8 @@
     python bench/worker.py SYSTEM PATH PROMPTS.json THREADS [NEW_TOKENS] [--flash-attn on|off]
 
 SYSTEM is jishi, torch, genai or llamacpp. PROMPTS.json holds the token ids all
-systems get: ``prefill`` (~500 tokens) and ``chat`` (a chat prompt). Prints one
+systems get: ``prefill`` (~500 tokens), ``chat`` (a chat prompt) and, optionally, ``long``
+(~1,800 tokens: decode is then also timed after it, where attention reads a long cache). Prints one
 JSON object. Each peer is driven through its own public API with greedy decoding
 (the most likely token, read from the logits where the API gives them).
 ``--flash-attn`` is llama.cpp's flash attention (default off).
@@ -42,10 +43,10 @@ def run_jishi(path, prompts, threads, new_tokens):
         e.feed(prompts["prefill"])
         return time.perf_counter() - t
 
-    def decode():
+    def decode(key="chat"):
         e.reset()
         t0 = time.perf_counter()
-        logits = e.feed(prompts["chat"])
+        logits = e.feed(prompts[key])
         token = int(np.argmax(logits))
         t1 = time.perf_counter()
         out = [token]
@@ -73,8 +74,8 @@ def run_torch(path, prompts, threads, new_tokens):
             m(ids)
             return time.perf_counter() - t
 
-    def decode():
-        ids = torch.tensor([prompts["chat"]])
+    def decode(key="chat"):
+        ids = torch.tensor([prompts[key]])
         mask = torch.ones_like(ids)
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -110,10 +111,10 @@ def run_genai(path, prompts, threads, new_tokens):
         g.append_tokens(np.array(prompts["prefill"], dtype=np.int32))
         return time.perf_counter() - t
 
-    def decode():
-        g = generator(len(prompts["chat"]) + new_tokens + 1)
+    def decode(key="chat"):
+        g = generator(len(prompts[key]) + new_tokens + 1)
         t0 = time.perf_counter()
-        g.append_tokens(np.array(prompts["chat"], dtype=np.int32))  # runs the prompt
+        g.append_tokens(np.array(prompts[key], dtype=np.int32))  # runs the prompt
         g.generate_next_token()  # picks the first token from the prompt's logits
         t1 = time.perf_counter()
         out = [int(g.get_next_tokens()[0])]
@@ -129,7 +130,7 @@ def run_llamacpp(path, prompts, threads, new_tokens, flash_attn=False):
     import numpy as np
     from llama_cpp import Llama
 
-    batch = max(512, len(prompts["prefill"]), len(prompts["chat"]))  # each prompt in one batch
+    batch = max(512, *(len(p) for p in prompts.values()))  # each prompt in one batch
     t = time.perf_counter()
     m = Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=batch,
               n_ubatch=batch, flash_attn=flash_attn, verbose=False)
@@ -149,10 +150,10 @@ def run_llamacpp(path, prompts, threads, new_tokens, flash_attn=False):
         m.eval(prompts["prefill"])
         return time.perf_counter() - t
 
-    def decode():
+    def decode(key="chat"):
         m.reset()
         t0 = time.perf_counter()
-        m.eval(prompts["chat"])
+        m.eval(prompts[key])
         token = last_argmax()
         t1 = time.perf_counter()
         out = [token]
@@ -204,12 +205,17 @@ def main() -> None:
     prefill_s = min(prefill() for _ in range(2))
     decode()
     ttft, decode_s, tokens = decode()
+    long = {}
+    if "long" in prompts:
+        _, long_s, _ = decode("long")
+        long = {"long_prompt_tokens": len(prompts["long"]), "decode_long_tok_s": round((new_tokens - 1) / long_s, 1)}
     print(json.dumps({
         "load_s": round(load, 3),
         "prefill_tok_s": round(len(prompts["prefill"]) / prefill_s, 1),
         "ttft_ms": round(1e3 * ttft, 1),
         "decode_tok_s": round((new_tokens - 1) / decode_s, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        **long,
         "tokens": tokens[:16],
         "versions": versions(args.system),
     }))

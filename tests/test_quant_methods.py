@@ -487,3 +487,40 @@ def test_awq_scales_folded_into_the_norms_leave_the_float_model_unchanged_and_th
     assert q["method"] == "awq" and m.manifest.merge_points is None
     assert len(q["calibration"]["awq_alpha"]["attn_in"]) == cfg.num_layers
     np.testing.assert_allclose(m.engine.feed(ids, all_logits=True), logits(quantized), atol=2e-4, rtol=0)
+
+
+# -- a model on no grid ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_a_rotated_residual_stream_computes_the_same_logits_on_weights_off_any_grid(family, tiny_dirs, tmp_path):
+    """The stand-in for a checkpoint that arrives in fp16: the same function, every weight that touches the
+    residual a dense mix of the old ones. Saved and loaded as a Hugging Face directory, it still agrees,
+    and the logits of the turned model agree with the original's."""
+    from transformers import AutoModelForCausalLM
+
+    from jishi.distill.rotate import rotate_residual
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval()
+    ids = torch.randint(3, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    before = ref.model.layers[0].self_attn.q_proj.weight.detach().numpy().copy()
+    rotated = rotate_residual(AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval(), seed=3)
+    after = rotated.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    assert np.abs(after - before).max() > 0.01
+    rotated.save_pretrained(tmp_path / "rotated")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "rotated", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for m in (rotated, again):
+            torch.testing.assert_close(m(ids).logits, expected, atol=2e-4, rtol=0)
+    assert again.lm_head.weight.data_ptr() != again.model.embed_tokens.weight.data_ptr()
+
+
+def test_rotation_refuses_a_family_that_normalizes_block_outputs(tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from jishi.distill.rotate import rotate_residual
+
+    gemma = AutoModelForCausalLM.from_pretrained(tiny_dirs["gemma3"], dtype=torch.float32)
+    with pytest.raises(JishiError, match="gemma3.* normalizes block outputs, whose gains cannot be folded"):
+        rotate_residual(gemma)
