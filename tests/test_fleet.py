@@ -80,6 +80,46 @@ def test_idle_models_unload_and_the_budget_holds(two):
         assert a.loads == 2 and b.loads == 1
 
 
+def _wait_loaded(live, want, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while live.health()["loaded"] != want and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return live.health()["loaded"]
+
+
+def test_keep_alive_as_ollama_means_it(two):
+    """``keep_alive`` (the ollama client's own field): 0 unloads a model once its answer is done, a negative time
+    keeps it past the server's idle time, a duration shows in /api/ps; an empty request loads (or, with 0,
+    unloads) a model and answers done_reason "load" / "unload"; a bad value is a 400 naming the field."""
+    from datetime import datetime, timezone
+
+    fleet = make_fleet(two, idle_unload=0.6)
+    a, b = (fleet.entries[n] for n in fleet.entries)
+    with LiveServer(fleet) as live:
+        client = ollama.Client(host=live.url)
+        r = client.chat(model=a.name, messages=CHAT, options={"num_predict": 3}, keep_alive=0)
+        assert r.done and _wait_loaded(live, []) == []  # the reaper let it go right after the answer
+        r = client.generate(model=b.name, keep_alive="10m")
+        assert r.done_reason == "load" and live.health()["loaded"] == [b.name]
+        (shown,) = client.ps().models
+        left = (shown.expires_at - datetime.now(timezone.utc)).total_seconds()
+        assert 540 < left <= 600, left
+        time.sleep(1.5)  # past the server's own idle time: the request's 10 minutes hold
+        assert live.health()["loaded"] == [b.name]
+        r = client.generate(model=b.name, keep_alive=0)
+        assert r.done_reason == "unload" and live.health()["loaded"] == []
+        client.chat(model=a.name, messages=[], keep_alive=-1)
+        time.sleep(1.5)
+        assert live.health()["loaded"] == [a.name]
+        (shown,) = client.ps().models
+        assert shown.expires_at.year == 2999
+        for bad in ("soon", "5 minutes", True, [1]):
+            r = httpx.post(live.url + "/api/generate", json={"model": a.name, "prompt": "hi", "keep_alive": bad})
+            assert r.status_code == 400 and "'keep_alive' must be seconds or a duration" in r.json()["error"], bad
+        r = httpx.post(live.url + "/api/generate", json={"model": "nope", "keep_alive": 0})
+        assert r.status_code == 404
+
+
 def test_jishi_serve_two_models(two):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "jishi.cli", "serve", str(two["llama"]), str(two["qwen"]),

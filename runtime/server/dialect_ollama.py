@@ -12,6 +12,8 @@ are ignored, as Ollama ignores those a runner lacks). A conversation that outgro
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -50,6 +52,35 @@ def _opt_int(options: dict, name: str, lo: int | None = None, hi: int | None = N
         return _integer(options, name, lo, hi)
     except APIError as e:
         raise bad(e.message.replace(f"'{name}'", f"'options.{name}'"), f"options.{name}") from None
+
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def keep_alive_seconds(value) -> float | None:
+    """Ollama's ``keep_alive``: seconds (a number, or a duration such as "5m", "1h30m", "90s"), how long the
+    model stays loaded after this request; negative keeps it loaded; 0 unloads it once answered. None if absent."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        text = text.lstrip("+-")
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = DURATION.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise bad(f"'keep_alive' must be seconds or a duration such as \"5m\", \"1h\" or \"-1\", got "
+                          f"{value!r}", "keep_alive") from None
+            unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+            seconds = sum(float(n) * unit[u] for n, u in parts)
+        seconds *= sign
+    else:
+        raise bad(f"'keep_alive' must be seconds or a duration such as \"5m\", got {value!r}", "keep_alive")
+    return math.inf if seconds < 0 else seconds
 
 
 def parse(body, chat: bool) -> tuple[Request, dict]:
@@ -112,10 +143,13 @@ def parse(body, chat: bool) -> tuple[Request, dict]:
             raise bad(str(e), "format") from None
     elif fmt not in (None, ""):
         raise bad("'format' must be \"json\" or a JSON schema object", "format")
+    keep_alive = keep_alive_seconds(body.get("keep_alive"))
     if chat:
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise bad("'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+        if messages is None or messages == []:  # Ollama's way to load (or, with keep_alive 0, unload) a model
+            return None, {"keep_alive": keep_alive, "model": model}
+        if not isinstance(messages, list):
+            raise bad("'messages' must be a list of {\"role\", \"content\"} objects", "messages")
         converted = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") \
@@ -145,6 +179,8 @@ def parse(body, chat: bool) -> tuple[Request, dict]:
         prompt = body.get("prompt", "")
         if not isinstance(prompt, str):
             raise bad("'prompt' must be a string", "prompt")
+        if not prompt:  # an empty generate: load the model (or unload it, keep_alive 0), as Ollama does
+            return None, {"keep_alive": keep_alive, "model": model}
         system = body.get("system")
         if system is not None and not isinstance(system, str):
             raise bad("'system' must be a string", "system")
@@ -158,7 +194,7 @@ def parse(body, chat: bool) -> tuple[Request, dict]:
     req = Request(model=model, messages=converted, prompt=prompt if converted is None else None, max_tokens=None,
                   params=params, stop=stops, seed=seed, stream=stream, include_usage=False, constraint=constraint,
                   constraint_param="format", tools=tools, tool_choice="auto" if tools else "none", given=given)
-    return req, {"num_predict": num_predict, "num_ctx": num_ctx, "raw_prompt": prompt}
+    return req, {"num_predict": num_predict, "num_ctx": num_ctx, "raw_prompt": prompt, "keep_alive": keep_alive}
 
 
 # --- answers ---------------------------------------------------------------------------------
@@ -347,9 +383,10 @@ def routes(fleet) -> list[Route]:
         for n, e in _names(fleet):
             if e.server is None:
                 continue
-            expires = "2999-12-31T23:59:59Z"
-            if fleet.idle_unload != float("inf"):
-                at = time.time() + max(0.0, fleet.idle_unload - (time.monotonic() - e.last_used))
+            expires = "2999-12-31T23:59:59Z"  # a server of one model, or one kept with a negative keep_alive
+            left = fleet.expires(e) - time.monotonic()
+            if not getattr(fleet, "_preloaded", False) and math.isfinite(left):
+                at = time.time() + max(0.0, left)
                 expires = datetime.fromtimestamp(at, timezone.utc).isoformat().replace("+00:00", "Z")
             out.append({**_entry(e.bundle, n), "expires_at": expires, "size_vram": 0,
                         "context_length": e.server.model.context})
@@ -392,14 +429,24 @@ def routes(fleet) -> list[Route]:
         check_key(fleet, request)
         body = await read_json(request, config.max_body)
         req, extra = parse(body, chat)
+        if req is None:  # nothing to answer: load the model, or unload it with keep_alive 0
+            name = extra["model"]
+            empty = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+            if extra["keep_alive"] == 0:
+                try:
+                    fleet.unload(name)
+                except APIError:
+                    raise not_found(name) from None
+                return JSONResponse({"model": name, "created_at": now_iso(), **empty, "done": True,
+                                     "done_reason": "unload"})
+            await server_and_adapter(name)
+            fleet.keep(name, extra["keep_alive"])
+            return JSONResponse({"model": name, "created_at": now_iso(), **empty, "done": True, "done_reason": "load"})
         server, adapter = await server_and_adapter(req.model)
+        fleet.keep(req.model, extra["keep_alive"])
         model = server.model
         num_ctx = min(extra["num_ctx"] or model.context, model.context)
         np_ = extra["num_predict"]
-        if not chat and not extra["raw_prompt"]:
-            # An empty generate request loads the model in Ollama: answer done at once.
-            return JSONResponse({"model": req.model, "created_at": now_iso(), "response": "", "done": True,
-                                 "done_reason": "load"})
         if not chat and req.messages is not None and not model.manifest.tokenizer.chat_template:
             req = replace(req, messages=None, prompt=extra["raw_prompt"])  # a model without a template: as it is
         if req.messages is not None:
@@ -436,7 +483,9 @@ def routes(fleet) -> list[Route]:
         truncate = body.get("truncate", True)
         if not isinstance(truncate, bool):
             raise bad("'truncate' must be true or false", "truncate")
+        keep = keep_alive_seconds(body.get("keep_alive"))
         server, adapter = await server_and_adapter(body["model"])
+        fleet.keep(body["model"], keep)
         info["model"] = body["model"]
         vectors, tokens = await E.embed(server, texts, adapter, truncate=truncate)
         info["prompt_tokens"] = tokens

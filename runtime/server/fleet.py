@@ -2,10 +2,13 @@
 
 `jishi serve A B ...` lists every model at once (their manifests are read at start, the
 weights are not). A request names a model (``NAME``, ``NAME:latest`` or ``NAME:ADAPTER``);
-the first request for it loads it and starts its own scheduler. Before a load, models idle
-for ``idle_unload`` seconds — or, when the estimated memory of those loaded plus the new one
-passes ``budget``, the least recently used idle ones — are unloaded. A model is idle when
-its scheduler has nothing running or queued.
+the first request for it loads it and starts its own scheduler. A model idle for
+``idle_unload`` seconds after its last answer (or for the ``keep_alive`` its last request gave,
+as Ollama's requests do: 0 unloads it once the answer is done, a negative time never) is
+unloaded by a reaper thread; before a load, when the estimated memory of those loaded plus the
+new one passes ``budget``, the least recently used idle ones go too. A model is idle when its
+scheduler has nothing running or queued. A server of one model (``Fleet.single``) loaded it at
+start and keeps it.
 
 The estimate per model: its weights twice (onnxruntime keeps a prepacked copy) plus its
 slots' KV caches at full context (weights + slots × context × KV per token).
@@ -20,6 +23,8 @@ from typing import Callable
 
 from jishi.errors import JishiError
 from jishi.runtime.server.protocol import APIError
+
+REAP_EVERY = 1.0  # seconds between the reaper's looks at idle models
 
 
 def estimate_bytes(bundle, slots: int, context: int | None = None) -> int:
@@ -37,6 +42,7 @@ class Entry:
     estimate: int
     server: object | None = None  # app.Server once loaded
     last_used: float = 0.0
+    keep_alive: float | None = None  # seconds after the last answer, from a request; None: the fleet's idle_unload
     loads: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -59,6 +65,8 @@ class Fleet:
         self.idle_unload = idle_unload
         self.budget = budget
         self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._reaper: threading.Thread | None = None
 
     @classmethod
     def single(cls, server) -> "Fleet":
@@ -119,7 +127,39 @@ class Fleet:
         entry.last_used = time.monotonic()
         return entry.server
 
+    def keep(self, model_id: str | None, seconds: float | None) -> None:
+        """A request's ``keep_alive``: how long its model stays loaded after its last answer (inf: always)."""
+        if seconds is not None:
+            self.entry_for(model_id).keep_alive = seconds
+
+    def expires(self, entry: Entry) -> float:
+        """When (time.monotonic) an idle loaded model is unloaded: its last answer plus its keep-alive."""
+        keep = self.idle_unload if entry.keep_alive is None else entry.keep_alive
+        last = max(entry.last_used, entry.server.scheduler.last_finished if entry.server is not None else 0.0)
+        return last + keep
+
+    def unload(self, model_id: str | None) -> bool:
+        """Unload a model now if it is idle (Ollama's request with keep_alive 0 and no prompt). True if it went."""
+        if getattr(self, "_preloaded", False):
+            return False
+        entry = self.entry_for(model_id)
+        with self._lock:
+            if entry.server is not None and self._idle(entry):
+                self._unload(entry)
+                return True
+        return False
+
+    def _reap(self) -> None:
+        while not self._closed.wait(REAP_EVERY):
+            try:
+                self.unload_idle()
+            except Exception:  # a reaper that dies would leave memory held: keep going
+                pass
+
     def _load(self, entry: Entry) -> None:
+        if self._reaper is None and not getattr(self, "_preloaded", False) and self.idle_unload != float("inf"):
+            self._reaper = threading.Thread(target=self._reap, name="jishi-unload", daemon=True)
+            self._reaper.start()
         with entry.lock:
             if entry.server is not None:
                 return
@@ -151,7 +191,7 @@ class Fleet:
         with self._lock:
             now = time.monotonic()
             for e in self.loaded():
-                if e is not keep and now - e.last_used >= self.idle_unload and self._idle(e):
+                if e is not keep and now >= self.expires(e) and self._idle(e):
                     self._unload(e)
                     gone.append(e.name)
             if self.budget is not None:
@@ -169,5 +209,6 @@ class Fleet:
         server.scheduler.stop()
 
     def close(self) -> None:
+        self._closed.set()
         for e in self.loaded():
             e.server.scheduler.stop()

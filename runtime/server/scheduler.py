@@ -449,6 +449,11 @@ class Scheduler:
             slot.adapter = _UNBOUND  # bind again before the next job: the error may have been mid-bind
             self._release(slot, e)
 
+    @property
+    def last_finished(self) -> float:
+        """When (time.monotonic) a slot last let a job go; 0.0 if none has run."""
+        return max((s.last_used for s in self.slots), default=0.0)
+
     def _release(self, slot: Slot, outcome) -> None:
         job = slot.job
         slot.job, slot.todo, slot.logits = None, [], None
