@@ -147,3 +147,23 @@ def test_recovery_needs_int4_codes_with_merge_points(tiny_dirs, tmp_path):
               merge_points=None)
     with pytest.raises(JishiError, match="--recover-steps adds a LoRA at the merge points"):
         build(d, "int4", tmp_path / "c", evaluate=False, quiet=True, recover_steps=2, merge_points=False)
+
+
+def test_cli_build_with_recovery_adds_the_adapter(tiny_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "jishi.cli", *a], capture_output=True, text=True, timeout=600)
+    out = tmp_path / "rec"
+    done = cli("build", "--base", str(tiny_dirs["llama"]), "--context", "128", "--calibration-sequences", "2",
+               "--recover-steps", "2", "--recover-rank", "2", "--no-eval", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "Training the LoRA on the int4 grid" in done.stderr and "Held-out KL to the float model" in done.stderr
+    listed = cli("adapter", "list", str(out))
+    assert "recover" in listed.stdout and "q,k,v,o,gate,up,down" in listed.stdout
+    info = json.loads((tmp_path / "rec.recover" / "jishi_adapter.json").read_text())
+    assert info["config"]["rank"] == 2 and info["training"]["steps"] == 2
+    bad = cli("build", "--base", str(tiny_dirs["llama"]), "--quant", "int8", "--recover-steps", "2", "--no-eval",
+              "-o", str(tmp_path / "int8"))
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--recover-steps trains against int4 codes, and this build is int8: use --quant int4" in bad.stderr
