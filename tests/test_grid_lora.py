@@ -72,7 +72,7 @@ def test_training_on_the_grid_lowers_the_kl_on_held_out_tokens(tiny):
     assert result.kl_before == pytest.approx(before, rel=1e-5)  # B starts at zero: step 0 is the int4 model
     after = mean_kl(base.model, result.model, held)
     assert after == pytest.approx(result.kl_after, rel=1e-5)
-    assert after < 0.75 * before, (before, after)  # measured: 0.0118 → 0.0069
+    assert after < 0.75 * before, (before, after)  # measured: 0.0121 → 0.0076
     # only the LoRA moved: the grid weights are as they were
     np.testing.assert_array_equal(result.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
                                   .detach().numpy(), codes["model.layers.0.self_attn.q_proj.weight"].dequantize())
