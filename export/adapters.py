@@ -113,6 +113,40 @@ def check_base(adapter_dir: str | Path, config: dict, provenance: dict) -> str |
     return None
 
 
+def grid_of(adapter_dir: str | Path) -> dict | None:
+    """The int4 codes an adapter was trained against (``jishi_adapter.json``'s ``grid``), or None for an
+    adapter trained on float weights."""
+    info_path = Path(adapter_dir) / "jishi_adapter.json"
+    if not info_path.is_file():
+        return None
+    try:
+        grid = json.loads(info_path.read_text()).get("grid")
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"cannot read {info_path}: {e}") from None
+    return grid if isinstance(grid, dict) else None
+
+
+def check_grid(adapter_dir: str | Path, quantization: dict) -> None:
+    """Refuse an adapter trained against int4 codes other than this bundle's: what it learnt is a correction
+    of those very weights (``jishi.distill.grid_lora``)."""
+    grid = grid_of(adapter_dir)
+    if grid is None:
+        return
+    want, have = grid.get("codes_sha256"), quantization.get("codes_sha256")
+    if want and want == have:
+        return
+    name = Path(adapter_dir).name
+    how = (f"{grid.get('method', '?')}, block {grid.get('block', '?')}, {grid.get('zero_points', '?')} zero points"
+           + (f", calibrated on {grid['calibration']}" if grid.get("calibration") else ""))
+    found = (f"codes sha256 {have[:12]}…" if have else
+             f"no record of its int4 codes (a {quantization.get('name', '?')} bundle"
+             + (")" if quantization.get("name") != "int4" else ", built before codes were recorded)"))
+    raise AdapterError(
+        f"adapter {name} was trained against int4 codes sha256 {str(want)[:12]}… ({how}), and this bundle has "
+        f"{found}: it corrects other weights than these. Build the bundle and its adapter together with "
+        "`jishi build --base BASE --recover-steps N`, or train it again against this bundle's codes")
+
+
 def add_adapter(bundle_dir: str | Path, name: str, adapter_dir: str | Path) -> Path:
     """Convert and add an adapter to a bundle (its signature is dropped until signed again)."""
     import onnxruntime as ort
@@ -131,6 +165,7 @@ def add_adapter(bundle_dir: str | Path, name: str, adapter_dir: str | Path) -> P
     params, config = read_peft(adapter_dir, m.config)
     named = config.get("base_model_name_or_path") or ""
     trained_on = check_base(adapter_dir, config, m.provenance)
+    check_grid(adapter_dir, m.graph.quantization)
     # layers, targets and every shape are checked against this bundle (raises AdapterError)
     rank, targets = check_params(name, params, m.config, tuple(m.merge_points["targets"]))
     rel = f"adapters/{name}.onnx_adapter"

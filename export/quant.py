@@ -233,3 +233,17 @@ def take_rows(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
     return QuantizedWeight(bits=qw.bits, block=qw.block, n=stop - start, k=qw.k, packed=qw.packed[start:stop].copy(),
                            scales=qw.scales[start:stop].copy(), zero_points=pack_zero_points(np.ascontiguousarray(zp), qw.bits),
                            correction=None if qw.correction is None else qw.correction[:, start:stop].copy())
+
+
+def codes_digest(codes: dict[str, QuantizedWeight]) -> str:
+    """sha256 of a set of weights' codes, scales, zero points and corrections, in name order: two builds hold the
+    same int4 weights exactly when their digests agree (what a LoRA trained against those weights needs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(codes):
+        qw = codes[name]
+        h.update(f"{name}|{qw.bits}|{qw.block}|{qw.n}|{qw.k}|".encode())
+        for part in (qw.packed, qw.scales, qw.zero_points, qw.correction):
+            h.update(b"-" if part is None else np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()

@@ -46,6 +46,9 @@ def build(
     chat_template: str | None = None,
     check_memory: bool = True,
     zero_points: str | None = None,
+    recover_steps: int = 0,
+    recover_rank: int = 16,
+    recover_output: str | Path | None = None,
 ) -> Path:
     """Build a bundle from a base model; returns its directory.
 
@@ -72,6 +75,11 @@ def build(
     loading anything, a build that needs more memory than this machine has available (DeviceFitError). ``merge=(NAME, ADAPTER_DIR)`` folds that LoRA adapter into
     the weights before quantization: a bundle for one task, with no merge points; its
     evaluation compares int4 and int8 of the merged weights and recommends one.
+
+    ``recover_steps`` (int4 by rtn or gptq, with merge points): a LoRA of rank ``recover_rank`` is trained for that many
+    steps against these very int4 codes, to follow the float model on the calibration text
+    (``jishi.grid_recovery``); it is saved as a PEFT adapter (``recover_output``, default OUTPUT.recover) and added
+    to the bundle as ``recover``, whose evaluation then has a ``recovered`` entry: the figures with it active.
 
     A student (a directory written by ``jishi distill``) is also measured against its
     teacher: ``teacher`` (a known name, path or loaded base), else the one its record names
@@ -119,6 +127,12 @@ def build(
         raise JishiError(f"block size {block} is not supported; choose 16, 32, 64 or 128")
     if context is not None and context < 16:
         raise JishiError(f"context {context} is too small; use at least 16 tokens")
+    if recover_steps < 0 or recover_rank < 1:
+        raise JishiError("--recover-steps must be 0 or more and --recover-rank at least 1")
+    if recover_steps and (merge is not None or merge_points is False):
+        raise JishiError("--recover-steps adds a LoRA at the merge points: drop --merge / --no-merge-points")
+    if recover_steps and quant not in ("int4", None):
+        raise JishiError(f"--recover-steps trains against int4 codes, and this build is {quant}: use --quant int4")
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
 
     t0 = time.time()
@@ -164,6 +178,9 @@ def build(
                 raise JishiError(f"the model's {what} {size} is not a multiple of the block size {block}; "
                                  f"choose a --block that divides it")
     method, why = default_method(quant, method, from_gguf_file, merged, block, _distill_record(base_model.source))
+    if recover_steps and (quant != "int4" or method not in ("rtn", "gptq")):
+        raise JishiError(f"--recover-steps trains against int4 codes of rtn or gptq, and this build's are by "
+                         f"{METHOD_NAMES.get(method, method)}: add --quant int4 --method gptq")
     if method in ("awq", "awq-gptq"):
         # The scales divide the inputs of q/k/v and gate/up: an adapter trained on the unscaled model would read
         # other inputs there.
@@ -191,6 +208,27 @@ def build(
         prequantized, calibration_record = _calibrate(base_model, cfg, weights, method, block, damp, act_order,
                                                       calibration, calibration_sequences, min(256, context), quiet,
                                                       exact_zero_points=zero_points == "exact")
+    codes_sha256 = recovered = None
+    if quant == "int4" and method in ("rtn", "gptq"):
+        # Every block projection's codes, here rather than in the graph: their digest goes into the manifest, so
+        # that an adapter trained against them (jishi.grid_recovery) can be told from one trained against others.
+        from jishi.export.quant import codes_digest
+        from jishi.grid_recovery import block_codes
+
+        prequantized = block_codes(cfg, weights, block, zero_points == "exact", prequantized)
+        codes_sha256 = codes_digest(prequantized)
+        if recover_steps:
+            from jishi.distill.grid_lora import GridLoraConfig
+            from jishi.grid_recovery import recover
+
+            grid = {"method": method, "block": block, "zero_points": zero_points, "head": f"int{head_bits}",
+                    "calibration": (calibration_record or {}).get("text"), "codes_sha256": codes_sha256}
+            out_dir = Path(recover_output) if recover_output else Path(str(target) + ".recover")
+            adapter_dir, recovered = recover(base_model, cfg, weights, prequantized, grid, out_dir,
+                                             GridLoraConfig(steps=recover_steps, rank=recover_rank,
+                                                            alpha=2.0 * recover_rank),
+                                             head_bits=head_bits, text=calibration, quiet=quiet)
+            recovered["source"] = str(adapter_dir)
     if quant == "gguf":
         recipe = QuantRecipe("gguf", block=grids.side_block, accuracy_level=accuracy_level, merge_points=merge_points,
                              zero_point_correction=grids.corrected, method="grid", reason=why)
@@ -233,6 +271,7 @@ def build(
                 file="model.onnx",
                 data_file="model.onnx.data",
                 quantization={**recipe.as_dict(), **(grids.record() if grids else {}),
+                              **({"codes_sha256": codes_sha256} if codes_sha256 else {}),
                               **({"calibration": calibration_record} if calibration_record else {})},
                 inputs=["input_ids", "seqlens_k", "total_sequence_length", "logits_index", "past_key.*", "past_value.*"],
                 outputs=["logits", "hidden_states", "present_key.*", "present_value.*"],
@@ -259,6 +298,12 @@ def build(
         )
         manifest = with_files(manifest, staging)
         write_manifest(staging, manifest)
+        if recovered:
+            from jishi.export.adapters import add_adapter
+            from jishi.runtime.bundle import open_bundle
+
+            add_adapter(staging, recovered["adapter"], recovered["source"])
+            manifest = open_bundle(staging).manifest
         if evaluate:
             say("Measuring quality on held-out text…")
             evaluation = evaluate_bundle(staging, base_model, quiet=quiet)
@@ -270,6 +315,13 @@ def build(
                 evaluation["teacher"] = versus
             if calibration_record:
                 evaluation["calibration_check"] = calibration_record["heldout_check"]
+            if recovered:
+                with_lora = evaluate_bundle(staging, base_model, quiet=quiet, adapter=recovered["adapter"])
+                evaluation["recovered"] = {**recovered, "perplexity": with_lora["perplexity"],
+                                           "top1_agreement": with_lora["top1_agreement"]}
+                say(f"With the {recovered['adapter']} LoRA: held-out perplexity {with_lora['perplexity']:.2f} "
+                    f"(without {evaluation['perplexity']:.2f}, float {evaluation['reference_perplexity']:.2f}), "
+                    f"top-1 agreement {100 * with_lora['top1_agreement']:.1f}%")
             if quant == "int4":
                 evaluation["int4_check"] = _int4_check(evaluation, recipe, say,
                                                        student=_distill_record(base_model.source) is not None)
@@ -504,6 +556,12 @@ def merged_base(base, name: str, adapter_dir: str | Path):
 
     from jishi.families import source_projections
 
+    from jishi.errors import AdapterError
+    from jishi.export.adapters import grid_of
+
+    if grid_of(adapter_dir):
+        raise AdapterError(f"adapter {name} was trained against int4 codes, as a correction of those weights: it "
+                           "cannot be merged into the float weights; add it at run time to the bundle of those codes")
     cfg = model_config(base.model.config, 16)
     params, config = read_peft(adapter_dir, cfg)
     trained_on = check_base(adapter_dir, config, {"base": base.name, "base_source": Path(base.source).name,
@@ -562,8 +620,10 @@ def _compare_merged(base, quant: str, evaluation: dict, size: int, context: int,
     return {"reference_perplexity": ref, **figures, "recommended": pick, "reason": why}
 
 
-def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: int | None = None) -> dict:
-    """Perplexity of the bundle and of the torch base on the held-out text, and their top-1 agreement.
+def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: int | None = None,
+                    adapter: str | None = None) -> dict:
+    """Perplexity of the bundle (with ``adapter`` active, if given) and of the torch base on the held-out text, and
+    their top-1 agreement.
 
     The base's figures are computed once per base and window size and kept on it.
     """
@@ -573,6 +633,8 @@ def evaluate_bundle(bundle_dir: Path, base, quiet: bool = False, max_windows: in
     from jishi.runtime.model import load
 
     model = load(bundle_dir)
+    if adapter:
+        model.use_adapter(adapter)
     ids = model.tokenizer.encode(heldout_text(), bos=False)
     wins = windows(ids, min(WINDOW, model.context))[:max_windows]
     if not wins:

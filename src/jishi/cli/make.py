@@ -61,6 +61,11 @@ def register(sub) -> None:
                    help="add a PEFT LoRA adapter; may be repeated")
     b.add_argument("--merge", metavar="NAME", help="fold the --adapter NAME into the weights before quantization: a "
                    "single-task bundle without merge points (its quality at int4 and int8 is measured)")
+    b.add_argument("--recover-steps", type=int, default=0, metavar="N",
+                   help="int4: train a LoRA for N steps against the bundle's own int4 codes, following the float model "
+                        "on the calibration text, and add it as the adapter 'recover' (run with --adapter recover); "
+                        "the PEFT adapter is kept in OUTPUT.recover")
+    b.add_argument("--recover-rank", type=int, default=16, help="rank of the --recover-steps LoRA (default 16)")
     b.add_argument("--distill", action="store_true",
                    help="first make a smaller student of --base (pruned and distilled; needs --layers or --keep-ratio), "
                         "then build it: one stage; int4 is then GPTQ-calibrated unless --qat")
@@ -208,7 +213,8 @@ def build(args) -> int:
                  calibration_sequences=args.calibration_sequences,
                  block=args.block, teacher=teacher, head_bits=int(args.head[3:]),
                  chat_template=read_template(args.chat_template) if args.chat_template else None,
-                 check_memory=not args.no_memory_check, zero_points=args.zero_points)
+                 check_memory=not args.no_memory_check, zero_points=args.zero_points,
+                 recover_steps=args.recover_steps, recover_rank=args.recover_rank)
     if adapters:
         from jishi.export.adapters import add_adapter
 
