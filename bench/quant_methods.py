@@ -28,26 +28,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # label → (quant, build options)
+# Every option is named, so that a row means the same whatever the build's defaults become.
+EXACT = {"zero_points": "exact"}
 ROWS = {
-    "rtn": ("int4", {"method": "rtn"}),
-    "gptq": ("int4", {"method": "gptq", "act_order": False}),
-    "gptq-act": ("int4", {"method": "gptq", "act_order": True}),
-    "awq": ("int4", {"method": "awq"}),
-    "awq-gptq": ("int4", {"method": "awq-gptq", "act_order": False}),
+    "rtn": ("int4", {"method": "rtn", **EXACT}),
+    "gptq": ("int4", {"method": "gptq", "act_order": False, **EXACT}),
+    "gptq-act": ("int4", {"method": "gptq", "act_order": True, **EXACT}),
+    "awq": ("int4", {"method": "awq", **EXACT}),
+    "awq-gptq": ("int4", {"method": "awq-gptq", "act_order": False, **EXACT}),
     "int8": ("int8", {}),
     # the same methods onto MatMulNBits' own grid (integer zero points): no correction path, faster to run
     "rtn-int": ("int4", {"method": "rtn", "zero_points": "integer"}),
     "gptq-int": ("int4", {"method": "gptq", "act_order": False, "zero_points": "integer"}),
     "gptq-act-int": ("int4", {"method": "gptq", "act_order": True, "zero_points": "integer"}),
-    # GPTQ, then a LoRA trained against those very codes (jishi build --recover-steps), measured with it active
-    "gptq-lora": ("int4", {"method": "gptq", "act_order": False, "recover_steps": 24}),
+    # the default GPTQ, then a LoRA trained against those very codes (jishi build --recover-steps), measured with it active
+    "gptq-lora": ("int4", {"method": "gptq", "act_order": True, "zero_points": "integer", "recover_steps": 24}),
 }
 NAMES = {"rtn": "int4 round-to-nearest", "gptq": "int4 GPTQ, input order", "gptq-act": "int4 GPTQ, activation order",
          "awq": "int4 AWQ scaling + round-to-nearest", "awq-gptq": "int4 AWQ scaling + GPTQ",
          "int8": "int8 round-to-nearest", "rtn-int": "int4 round-to-nearest, integer zero points",
          "gptq-int": "int4 GPTQ, input order, integer zero points",
          "gptq-act-int": "int4 GPTQ, activation order, integer zero points",
-         "gptq-lora": "int4 GPTQ + grid LoRA (24 steps of 4 x 256 tokens, rank 16)"}
+         "gptq-lora": "int4 GPTQ, activation order, integer zero points + grid LoRA (24 steps of 4 x 256 tokens, rank 16)"}
 
 
 def main() -> None:

@@ -110,19 +110,27 @@ def ensure_jishi(base_name: str, work: Path, fp32: bool) -> tuple[dict, object]:
 
     base = None
     systems = {}
-    quants = [(DEFAULT, None, "jishi-gguf"), ("jishi int4", "int4", "jishi-int4"), ("jishi int8", "int8", "jishi-int8")]
+    # (name, quant, folder, build options): the last int4 leaves the GGUF's grids for MatMulNBits' own (GPTQ onto
+    # integer zero points: no correction side path), measured for quality by its build's evaluation
+    quants = [(DEFAULT, None, "jishi-gguf", {}), ("jishi int4", "int4", "jishi-int4", {}),
+              ("jishi int4 integer", "int4", "jishi-int4-integer", {"method": "gptq", "zero_points": "integer"}),
+              ("jishi int8", "int8", "jishi-int8", {})]
     if fp32:
-        quants.append(("jishi fp32", "fp32", "jishi-fp32"))
-    for name, quant, folder in quants:
+        quants.append(("jishi fp32", "fp32", "jishi-fp32", {}))
+    for name, quant, folder, options in quants:
         out = work / folder
         if not (out / "manifest.json").exists():
             base = base or load_base(base_name)
-            build(base, quant, out, evaluate=False)
+            build(base, quant, out, evaluate=bool(options), **options)
         manifest = json.loads((out / "manifest.json").read_text())
         q = manifest["graph"]["quantization"]
         systems[name] = {"system": "jishi", "path": str(out), "python": sys.executable,
                          "settings": {"quantization": {k: v for k, v in q.items() if k in ("name", "block", "accuracy_level",
-                                                                                             "zero_point_correction", "formats")},
+                                                                                             "zero_point_correction", "formats",
+                                                                                             "method")},
+                                      "perplexity": {k: manifest["evaluation"].get(k) for k in
+                                                     ("perplexity", "reference_perplexity", "top1_agreement")}
+                                      if manifest.get("evaluation") else None,
                                       "merge_points": bool(manifest.get("merge_points")), "runtime": "jishi.load defaults"}}
     return systems, base
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import numpy as np
@@ -31,7 +32,8 @@ def make_peft(base_dir, out, seed, r=4, alpha=8, targets=ALL):
 
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory, tiny_dirs, tiny_bundles):
-    """The fp32 and int4 tiny bundles, each with two adapters, and the peft models."""
+    """The fp32 and int4 tiny bundles, each with two adapters, and the peft models. The int4 one has exact zero
+    points, whose correction rides in the side paths the adapters use (the tests below check that sharing)."""
     from jishi.export.adapters import add_adapter
 
     from jishi.pipeline import build
@@ -42,7 +44,7 @@ def adapted(tmp_path_factory, tiny_dirs, tiny_bundles):
     bundles = {}
     for quant in ("fp32", "int4"):
         b = build(str(tiny_dirs["llama"]), quant, root / f"bundle-{quant}", context=256, evaluate=False, quiet=True,
-                  merge_points=True)
+                  merge_points=True, **({"zero_points": "exact"} if quant == "int4" else {}))
         for name in models:
             add_adapter(b, name, root / name)
         bundles[quant] = b
@@ -102,22 +104,23 @@ def test_adapter_logits_match_peft_and_no_adapter_matches_the_base(adapted, tiny
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
-def test_int4_with_an_adapter_is_its_quantized_weights_plus_the_adapter(adapted, tiny_dirs, tmp_path):
-    """At accuracy level 0, int4 + adapter equals peft on the dequantized int4 weights, tightly:
-    the adapter rides in the same side path as the zero-point correction."""
+@pytest.mark.parametrize("zero_points", ["exact", "integer"])
+def test_int4_with_an_adapter_is_its_quantized_weights_plus_the_adapter(adapted, tiny_dirs, tmp_path, zero_points):
+    """At accuracy level 0, int4 + adapter equals peft on the dequantized int4 weights, tightly: with exact zero
+    points the adapter rides in the same side path as the zero-point correction, with integer ones alone."""
     from jishi.export.adapters import add_adapter
     from jishi.export.quant import quantize_asymmetric, quantize_symmetric_int8
     from jishi.pipeline import build
 
     bundles, models, root = adapted
-    b = build(str(tiny_dirs["llama"]), "int4", tmp_path / "int4-exact", context=128, evaluate=False, quiet=True,
-              accuracy_level=0, merge_points=True, method="rtn")
+    b = build(str(tiny_dirs["llama"]), "int4", tmp_path / f"int4-{zero_points}", context=128, evaluate=False,
+              quiet=True, accuracy_level=0, merge_points=True, method="rtn", zero_points=zero_points)
     add_adapter(b, "alpha", root / "alpha")
-    ref = models["alpha"]
+    ref = copy.deepcopy(models["alpha"])  # the fixture's model stays the float one for the other tests
     with torch.no_grad():
         for name, mod in ref.named_modules():
             if isinstance(mod, torch.nn.Linear) and name.endswith("base_layer"):
-                mod.weight.copy_(torch.from_numpy(quantize_asymmetric(mod.weight.numpy(), 4, 32, correct=True).dequantize()))
+                mod.weight.copy_(torch.from_numpy(quantize_asymmetric(mod.weight.numpy(), 4, 32, correct=zero_points == "exact").dequantize()))
         emb = ref.base_model.model.model.embed_tokens.weight
         emb.copy_(torch.from_numpy(quantize_symmetric_int8(emb.numpy()).dequantize()))
     m = jishi.load(b)
@@ -167,14 +170,17 @@ def test_wrong_adapters_are_refused(adapted, tmp_path, tiny_tokenizer):
         jishi.load(b).generate("Hi", adapter="alpha")
 
 
-def test_int4_merge_points_with_no_adapter_change_nothing(tiny_dirs, tmp_path):
-    """The shared block-sum matrix the runtime binds is the correction the plain graph stores."""
+@pytest.mark.parametrize("zero_points", ["exact", "integer"])
+def test_int4_merge_points_with_no_adapter_change_nothing(tiny_dirs, tmp_path, zero_points):
+    """With exact zero points the shared block-sum matrix the runtime binds is the correction the plain graph
+    stores; with integer ones the merge points are zeros when no adapter is bound."""
     from jishi.pipeline import build
 
-    kw = dict(context=128, evaluate=False, quiet=True)
+    kw = dict(context=128, evaluate=False, quiet=True, zero_points=zero_points)
     with_mp = jishi.load(build(str(tiny_dirs["qwen2"]), "int4", tmp_path / "mp", merge_points=True, **kw))
     without = jishi.load(build(str(tiny_dirs["qwen2"]), "int4", tmp_path / "plain", merge_points=False, **kw))
-    assert with_mp.manifest.merge_points["a_default"] == "block_sums" and without.manifest.merge_points is None
+    a_default = "block_sums" if zero_points == "exact" else "zeros"
+    assert with_mp.manifest.merge_points["a_default"] == a_default and without.manifest.merge_points is None
     expected = without.engine.feed(IDS, all_logits=True)
     assert with_mp.graph_file == "model.onnx"  # the constant side paths, for requests with no adapter
     np.testing.assert_array_equal(with_mp.engine.feed(IDS, all_logits=True), expected)

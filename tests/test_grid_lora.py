@@ -25,10 +25,12 @@ def _codes(base, cfg, weights, block=32, sequences=4, seq_len=128):
     from jishi.distill.prune import calibration_batches
     from jishi.export.calibrate import calibrate
     from jishi.grid_recovery import block_codes
+    from jishi.pipeline import ZERO_POINTS
 
     batches = calibration_batches(base.runtime_tokenizer(), sequences, seq_len)
-    cal = calibrate(base.model, cfg, weights, batches, "gptq", 4, block)
-    return block_codes(cfg, weights, block, True, cal.codes)
+    exact = ZERO_POINTS == "exact"
+    cal = calibrate(base.model, cfg, weights, batches, "gptq", 4, block, exact_zero_points=exact)
+    return block_codes(cfg, weights, block, exact, cal.codes)
 
 
 def _grid_model(base, cfg, weights, codes, head_bits=8):
@@ -98,7 +100,7 @@ def test_the_bundle_runs_the_lora_as_torch_does_on_the_dequantized_codes(recover
     manifest = open_bundle(out).manifest
     assert [a["name"] for a in manifest.adapters] == ["recover"]
     info = json.loads((out.with_name(out.name + ".recover") / "jishi_adapter.json").read_text())
-    assert info["grid"]["method"] == "gptq" and info["grid"]["zero_points"] == "exact"
+    assert info["grid"]["method"] == "gptq" and info["grid"]["zero_points"] == "integer"
     assert info["grid"]["codes_sha256"] == manifest.graph.quantization["codes_sha256"]
     codes = _codes(base, cfg, weights)
     assert codes_digest(codes) == manifest.graph.quantization["codes_sha256"]  # the reference has the bundle's codes
@@ -123,7 +125,7 @@ def test_a_bundle_of_other_codes_refuses_the_adapter(recovered, tiny_dirs):
     adapter = out.with_name(out.name + ".recover")
     rtn = build(str(tiny_dirs["llama"]), "int4", root / "rtn", context=128, evaluate=False, quiet=True, method="rtn")
     with pytest.raises(AdapterError, match=r"adapter int4\.recover was trained against int4 codes sha256 .*\(gptq, "
-                                           r"block 32, exact zero points.*this bundle has codes sha256 .*"
+                                           r"block 32, integer zero points.*this bundle has codes sha256 .*"
                                            r"jishi build --base BASE --recover-steps N"):
         add_adapter(rtn, "recover", adapter)
     fp32 = build(str(tiny_dirs["llama"]), "fp32", root / "fp32", context=128, evaluate=False, quiet=True)

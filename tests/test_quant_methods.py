@@ -41,7 +41,8 @@ def test_off_grid_weights_get_calibrated_int4_by_default_and_the_build_says_what
     assert q["name"] == "int4" and q["method"] == "gptq"
     assert q["method_reason"].startswith("these weights lie on no 4-bit grid")
     cal = q["calibration"]
-    assert cal["sequences"] == 4 and cal["tokens_per_sequence"] == 128 and cal["act_order"] is False
+    assert cal["sequences"] == 4 and cal["tokens_per_sequence"] == 128 and cal["act_order"] is True
+    assert cal["zero_points"] == "integer" and q["zero_point_correction"] is False
     assert cal["heldout_check"]["in_heldout"] == 0 and cal["heldout_check"]["windows"] > 100_000
     assert 0 < cal["output_error"] < 0.2
     ev = m["evaluation"]
@@ -451,7 +452,8 @@ def test_awq_scales_folded_into_the_norms_leave_the_float_model_unchanged_and_th
     base = load_base(str(tiny_dirs[family]))
     cfg = model_config(base.model.config, 128)
     weights = numpy_weights(base.model, cfg)
-    cal = calibrate(base.model, cfg, weights, calibration_batches(base.runtime_tokenizer(), 2, 128), "awq")
+    cal = calibrate(base.model, cfg, weights, calibration_batches(base.runtime_tokenizer(), 2, 128), "awq",
+                    exact_zero_points=False)
     assert set(cal.norms) == set(cal.scales) and len(cal.norms) == 2 * cfg.num_layers
     assert any(np.abs(s - 1).max() > 0.05 for s in cal.scales.values())  # some scaling was chosen
     ids = list(range(5, 69))
@@ -481,7 +483,7 @@ def test_awq_scales_folded_into_the_norms_leave_the_float_model_unchanged_and_th
     np.testing.assert_allclose(logits(folded), want, atol=2e-5 * np.abs(want).max(), rtol=0)
 
     bundle = build(base, "int4", tmp_path / "awq", context=128, evaluate=False, quiet=True, method="awq",
-                   merge_points=False, accuracy_level=0, calibration_sequences=2)
+                   merge_points=False, accuracy_level=0, calibration_sequences=2, zero_points="integer")
     m = jishi.load(bundle)
     q = m.manifest.graph.quantization
     assert q["method"] == "awq" and m.manifest.merge_points is None

@@ -15,8 +15,11 @@ from jishi.heldout import WINDOW, heldout_text, windows
 
 DEFAULT_CONTEXT = 2048
 # int4 of jishi's own methods: "exact" block minima (a correction side path per projection) or "integer" zero
-# points (MatMulNBits' own form). Chosen from bench/quant_methods.py (quality) and bench/spine.py (speed).
-ZERO_POINTS = "exact"
+# points (MatMulNBits' own form). Integer, from bench/quant_methods.py: as good or better on every method and
+# model measured (the 20-block student: GPTQ +6.9% over fp32 against +32% exact, round-to-nearest +23% against
+# +221%; the rotated teacher: GPTQ +7.5% against +7.7%), and without the side path (20% of a token's time in
+# bench/token_profile.py). A GGUF's own grids keep their exact form: there it is no choice but the file's.
+ZERO_POINTS = "integer"
 
 
 def default_output(name: str, quant: str) -> Path:

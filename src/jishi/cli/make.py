@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -31,9 +32,10 @@ def register(sub) -> None:
                    help="calibration sequences of 256 tokens (default 16)")
     b.add_argument("--damp", type=float,
                    help="GPTQ damping: this fraction of the mean Hessian diagonal is added to it (default 0.01)")
-    b.add_argument("--act-order", action="store_true", default=None,
+    b.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ by activation order (the loudest inputs first), every block's grid fixed up front from "
-                        "the original weights, instead of in input order with each block's grid chosen as GPTQ reaches it")
+                        "the original weights (the default); --no-act-order walks in input order, each block's grid "
+                        "chosen as GPTQ reaches it")
     b.add_argument("--zero-points", choices=["exact", "integer"],
                    help="int4 by rtn/gptq/awq: exact puts each block's grid on its weights' minimum and maximum (a "
                         "correction path beside every projection, slower to run); integer keeps 0 on the grid and its "
