@@ -4,6 +4,7 @@
     python bench/quant_methods.py --only gptq-act  # some rows only
     python bench/quant_methods.py --fresh awq      # measure a row again
     python bench/quant_methods.py --model rotated  # the teacher on no grid (same logits), every method
+    python bench/quant_methods.py --only llamacpp-f32,llamacpp-q4_k_m,llamacpp-q4_0  # llama.cpp's rows only
 
 Run by hand, not in CI. The student is SmolLM2-135M-Instruct (``load_base("smollm2-135m-instruct")``,
 cached under ~/.cache/jishi) with 20 of its 30 blocks kept by block influence and distilled for
@@ -15,6 +16,16 @@ interrupted run continues where it stopped. Rows: round-to-nearest, GPTQ in inpu
 activation order (static groups), AWQ scaling with rounding, AWQ scaling with GPTQ, int8, and
 round-to-nearest and both GPTQ walks onto integer zero points (MatMulNBits' own grid), all at block 32; then the best int4 method at blocks 16 and 64. Last, on a few layers, how much of the distillation each
 method takes back (the student is the pruned teacher plus a small change). The table is printed as markdown.
+
+llama.cpp's quantizations of the same student are rows of the same table, as anchors: the student is written
+once to an F32 GGUF (``jishi.distill.gguf_write``, tokenizer from the teacher's GGUF) under ``--work``/llamacpp,
+quantized by llama.cpp's own quantizer to Q4_K_M and Q4_0 (bench/llamacpp_models.py), also with an importance
+matrix (each linear layer's mean squared input per column, measured in torch on the calibration sequences
+GPTQ uses, passed as ``llama-quantize --imatrix`` passes one), and scored by llama.cpp on the very windows and
+reference argmax of the other rows (bench/llamacpp_score.py). Both scripts run in the peers' interpreter
+(``--peers-python``, made by bench/setup_peers.sh). The F32 file scored the same way is the check row: it
+must give the torch fp32 perplexity to about 0.1%, or the converter or the scorer is wrong. llama.cpp rows
+have no KL against the teacher, and their build time is llama.cpp's quantizing alone.
 """
 
 from __future__ import annotations
@@ -49,7 +60,13 @@ NAMES = {"rtn": "int4 round-to-nearest", "gptq": "int4 GPTQ, input order", "gptq
          "int8": "int8 round-to-nearest", "rtn-int": "int4 round-to-nearest, integer zero points",
          "gptq-int": "int4 GPTQ, input order, integer zero points",
          "gptq-act-int": "int4 GPTQ, activation order, integer zero points",
-         "gptq-lora": "int4 GPTQ, activation order, integer zero points + grid LoRA (24 steps of 4 x 256 tokens, rank 16)"}
+         "gptq-lora": "int4 GPTQ, activation order, integer zero points + grid LoRA (24 steps of 4 x 256 tokens, rank 16)",
+         "llamacpp-f32": "llama.cpp F32 (check: should equal fp32)", "llamacpp-q4_k_m": "llama.cpp Q4_K_M",
+         "llamacpp-q4_0": "llama.cpp Q4_0", "llamacpp-q4_k_m-imatrix": "llama.cpp Q4_K_M + importance matrix",
+         "llamacpp-q4_0-imatrix": "llama.cpp Q4_0 + importance matrix"}
+# llama.cpp's own quantizer on the same student: label → (llama.cpp type, with an importance matrix)
+LLAMACPP = {"llamacpp-f32": ("F32", False), "llamacpp-q4_k_m": ("Q4_K_M", False), "llamacpp-q4_0": ("Q4_0", False),
+            "llamacpp-q4_k_m-imatrix": ("Q4_K_M", True), "llamacpp-q4_0-imatrix": ("Q4_0", True)}
 
 
 def main() -> None:
@@ -68,6 +85,8 @@ def main() -> None:
     ap.add_argument("--undone", default="0,5,10", help="student layers on which to measure how much of the "
                     "distillation each method undoes (default 0,5,10; '' for none)")
     ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "quant-methods"))
+    ap.add_argument("--peers-python", default=str(ROOT / ".venv-peers" / "bin" / "python"),
+                    help="the interpreter with llama-cpp-python, for llama.cpp's rows (default .venv-peers)")
     ap.add_argument("--out", help="results JSON (default bench/results/quant_methods.json, or "
                     "quant_methods-rotated.json for --model rotated)")
     args = ap.parse_args()
@@ -97,22 +116,25 @@ def main() -> None:
         results["student"] = describe_student(student_dir)
     results["machine"] = {"threads": args.threads, "cpus": os.cpu_count()}
 
-    def run(label: str, quant: str, options: dict, block: int = 32) -> None:
+    def run(label: str, measuring) -> None:
         if (only and label not in only) or (label in results["rows"] and label not in args.fresh):
             return
         print(f"== {label}", file=sys.stderr, flush=True)
-        results["rows"][label] = measure(student, teacher, work, label, quant, options, block)
+        results["rows"][label] = measuring()
         save(out, results)
 
     for label, (quant, options) in ROWS.items():
-        run(label, quant, options)
+        run(label, lambda: measure(student, teacher, work, label, quant, options, 32))
+    for label, (kind, imatrix) in LLAMACPP.items():
+        run(label, lambda: measure_llamacpp(student, Path(teacher.source), work / "llamacpp" / student_dir.name,
+                                            kind, imatrix, args))
     int4 = {k: v for k, v in results["rows"].items()
             if v["quant"] == "int4" and v["block"] == 32 and not v.get("recover_steps")}
     if int4 and args.blocks:
         best = min(int4, key=lambda k: int4[k]["perplexity"])
         for block in (int(b) for b in args.blocks.split(",") if b):
             quant, options = ROWS[best]
-            run(f"{best}@{block}", quant, options, block)
+            run(f"{best}@{block}", lambda: measure(student, teacher, work, f"{best}@{block}", quant, options, block))
     layers = tuple(int(x) for x in args.undone.split(",") if x)
     if layers and ("undone" not in results or "undone" in args.fresh):
         print("== undone", file=sys.stderr, flush=True)
@@ -194,6 +216,111 @@ def measure(student, teacher, work: Path, label: str, quant: str, options: dict,
     return row
 
 
+def measure_llamacpp(student, reference: Path, where: Path, kind: str, imatrix: bool, args) -> dict:
+    """llama.cpp's ``kind`` of the student, made by llama.cpp's quantizer from the student's F32 GGUF (written
+    once) and scored by llama.cpp on the held-out windows the other rows are scored on."""
+    from jishi.distill.gguf_write import write_gguf
+    from llamacpp_models import describe
+
+    if not Path(args.peers_python).is_file():
+        raise SystemExit(f"{args.peers_python} is missing: llama.cpp's rows need llama-cpp-python "
+                         "(bash bench/setup_peers.sh, or --peers-python PYTHON)")
+    where.mkdir(parents=True, exist_ok=True)
+    f32 = where / "f32.gguf"
+    if not f32.is_file():
+        write_gguf(student.model, reference, f32, name=where.name)
+    fp32, heldout = heldout_windows(student, where)
+    load = os.getloadavg()[0]
+    t0 = time.time()
+    target = f32
+    if kind != "F32":
+        target = where / f"{kind}{'-imatrix' if imatrix else ''}.gguf"
+        target.unlink(missing_ok=True)  # made anew whenever its row is measured
+        peers(args, ROOT / "bench" / "llamacpp_models.py", f32, where, "--types", kind, "--threads", args.threads,
+              *(("--imatrix", importance_matrix(student, where)) if imatrix else ()))
+    seconds = time.time() - t0
+    score = peers(args, ROOT / "bench" / "llamacpp_score.py", target, where / "windows.npy", where / "top.npy",
+                  "--threads", args.threads)
+    made = describe(target)
+    return {"quant": "llama.cpp", "block": None if kind == "F32" else 32, "method": kind, "imatrix": imatrix,
+            "perplexity": score["perplexity"], "fp32_perplexity": fp32, "vs_fp32": round(score["perplexity"] / fp32 - 1, 4),
+            "top1_vs_fp32": score["top1_agreement"], "kl_vs_teacher": None, "teacher_perplexity": None,
+            "layer_output_error": None, "awq_alpha": None, "size_mb": made["size_mb"],
+            "tensor_types": made["tensor_types"], "build_seconds": round(seconds, 1), "kv_cache": score["cache"],
+            "score_seconds": score["seconds"], "load_avg_at_start": round(load, 2), "heldout": heldout,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def peers(args, script: Path, *argv) -> dict:
+    """The JSON line a bench script prints, run in the peers' interpreter (llama-cpp-python)."""
+    import subprocess
+
+    done = subprocess.run([args.peers_python, str(script), *map(str, argv)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{script.name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def heldout_windows(student, where: Path) -> tuple[float, str]:
+    """The held-out windows the build's evaluation scores (the student's tokenizer, windows of min(512, its
+    positions), no BOS) and the student's fp32 argmax at every position, saved for llamacpp_score.py; returns
+    the fp32 perplexity on them and their description. The torch figures are cached on ``student`` exactly as
+    the build's evaluation caches them, so every row compares with the same reference."""
+    import numpy as np
+
+    from jishi.distill.evaluate import reference_stats
+    from jishi.heldout import WINDOW, heldout_text, windows
+
+    wins = windows(student.runtime_tokenizer().encode(heldout_text(), bos=False),
+                   min(WINDOW, student.model.config.max_position_embeddings))
+    key = (len(wins), len(wins[0]))
+    if key not in student.reference_stats:
+        student.reference_stats[key] = reference_stats(student.model, wins)
+    logp, top = student.reference_stats[key]
+    np.save(where / "windows.npy", np.array(wins, np.int32))
+    np.save(where / "top.npy", np.array(top, np.int32))
+    nll = -sum(float(lp.sum()) for lp in logp)
+    return (round(float(np.exp(nll / sum(len(w) - 1 for w in wins))), 4),
+            f"pydoc_data.topics, first 20000 characters, {len(wins)} windows of {len(wins[0])} tokens, no BOS")
+
+
+def importance_matrix(student, where: Path) -> Path:
+    """llama.cpp's importance matrix of the student, measured in torch: every linear layer's mean squared input
+    per column over the calibration sequences jishi's GPTQ uses (16 x 256 tokens of the calibration text), by
+    GGUF tensor name. The head is left out, as llama-imatrix leaves it out by default. Made once."""
+    import numpy as np
+    import torch
+
+    from jishi.distill.gguf_write import gguf_name
+    from jishi.distill.prune import calibration_batches
+
+    path = where / "imatrix.npz"
+    if path.is_file():
+        return path
+    sums, counts = {}, {}
+
+    def recorder(name):
+        def record(module, inputs):
+            x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + len(x)
+        return record
+
+    hooks = [m.register_forward_pre_hook(recorder(gguf_name(f"{n}.weight"))) for n, m in student.model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    try:
+        with torch.no_grad():
+            for batch in calibration_batches(student.runtime_tokenizer(), 16, 256):
+                student.model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    tmp = where / "imatrix.part.npz"
+    np.savez(tmp, **{k: (sums[k] / counts[k]).float().numpy() for k in sums})
+    os.replace(tmp, path)
+    return path
+
+
 def undone(student, teacher, student_dir: Path, layers) -> dict:
     """How much of the distillation each method takes back, per layer and input: the student's weights are
     the pruned teacher's plus a change Δ; with e = Ŵ − W the error a method leaves, the share undone is
@@ -253,8 +380,13 @@ def table(results: dict) -> str:
     for label, r in rows.items():
         err = "" if r["layer_output_error"] is None else f"{r['layer_output_error']:.4f}"
         kl = "" if r["kl_vs_teacher"] is None else f"{r['kl_vs_teacher']:.3f}"
-        lines.append(f"| {NAMES[label.split('@')[0]]} | {r['block']} | {r['perplexity']:.2f} | {100 * r['vs_fp32']:+.1f}% | "
+        block = "" if r["block"] is None else r["block"]
+        lines.append(f"| {NAMES[label.split('@')[0]]} | {block} | {r['perplexity']:.2f} | {100 * r['vs_fp32']:+.1f}% | "
                      f"{100 * r['top1_vs_fp32']:.1f}% | {kl} | {err} | {r['size_mb']:.0f} | {r['build_seconds']:.0f} |")
+    types = {label: r["tensor_types"] for label, r in rows.items() if r.get("tensor_types")}
+    if types:
+        lines += ["", "tensor types llama.cpp chose (block: of its 4-bit types; Q4_K's 32-value scales sit in blocks of 256):"]
+        lines += [f"- {NAMES[label]}: " + ", ".join(f"{k} {v}" for k, v in t.items()) for label, t in types.items()]
     if results.get("undone"):
         lines += ["", "share of the distillation undone (layer-output metric):", "| layer, input | rtn | gptq | gptq-act |",
                   "|---|---|---|---|"]
