@@ -122,15 +122,15 @@ def gptq_quantize(w: np.ndarray, hessian, bits: int = 4, block: int = 32, damp: 
 
 
 def gptq_model(model, batches, bits: int = 4, block: int = 32, progress=None, damp: float = DAMP,
-               act_order: bool = ACT_ORDER) -> dict[str, QuantizedWeight]:
+               act_order: bool = ACT_ORDER, exact_zero_points: bool = True) -> dict[str, QuantizedWeight]:
     """GPTQ codes of every block projection of ``model``, by weight name (fused projections under the
-    split names the graph reads)."""
+    split names the graph reads); ``exact_zero_points`` as in ``gptq_quantize``."""
     from jishi.export.calibrate import calibrate
     from jishi.export.from_torch import model_config, numpy_weights
 
     cfg = model_config(model.config, 16)
     return calibrate(model, cfg, numpy_weights(model, cfg), batches, "gptq", bits, block, damp=damp,
-                     act_order=act_order, progress=progress).codes
+                     act_order=act_order, progress=progress, exact_zero_points=exact_zero_points).codes
 
 
 def output_error(w_hat: np.ndarray, w: np.ndarray, x: np.ndarray) -> float:

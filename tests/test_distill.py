@@ -380,7 +380,7 @@ def test_calibrated_build_uses_the_gptq_codes(tiny_dirs, tmp_path):
     from jishi.distill.base import load_base
     from jishi.distill.prune import calibration_batches
     from jishi.export.gptq import gptq_model
-    from jishi.pipeline import build
+    from jishi.pipeline import ZERO_POINTS, build
 
     base = load_base(str(tiny_dirs["llama"]))
     gptq_dir = build(base, "int4", tmp_path / "gptq", context=128, evaluate=False, quiet=True, calibrated=True,
@@ -391,7 +391,8 @@ def test_calibrated_build_uses_the_gptq_codes(tiny_dirs, tmp_path):
     assert m.manifest.graph.quantization["method"] == "gptq"
     assert "calibration" in m.manifest.provenance
 
-    codes = gptq_model(base.model, calibration_batches(base.runtime_tokenizer(), 4, 128))
+    codes = gptq_model(base.model, calibration_batches(base.runtime_tokenizer(), 4, 128),
+                       exact_zero_points=ZERO_POINTS == "exact")  # the build's default grid
     import copy
 
     from jishi.export.quant import quantize_symmetric_int8
@@ -467,6 +468,7 @@ def test_qat_student_exports_exactly_onto_the_int4_grid(teacher_dir, calib_file,
     b4 = build(student, "int4", tmp_path / "q4", context=128, evaluate=False, quiet=True, accuracy_level=0)
     q = jishi.load(b4).manifest.graph.quantization  # the default for a QAT student: its own grid, rounded to
     assert q["method"] == "rtn" and q["method_reason"].startswith("a student trained on this int4 grid (QAT, block 32)")
+    assert q["zero_point_correction"] is True  # its grid's float minima, not the integer default's
     ids = _heldout(teacher, 48, 1)[0]
     l4 = jishi.load(b4).engine.feed(ids, all_logits=True)
     # The int4 bundle's embedding / LM head are 8-bit blocks; its projections are the student's own weights.

@@ -277,3 +277,42 @@ def test_the_graph_for_requests_without_adapters_keeps_the_corrections_as_consta
     scale = float(np.abs(expected).max())
     np.testing.assert_allclose(got_plain, expected, rtol=0, atol=1e-4 * scale)
     np.testing.assert_allclose(got_lora, got_plain, rtol=0, atol=1e-5 * scale)
+
+
+def test_int4_from_a_gguf_keeps_its_corrections_at_the_merge_points(loaded, tmp_path):
+    """--quant int4 of a GGUF keeps its Q4_K / Q4_0 blocks with their float minima whatever the int4 default
+    for zero points: the merge points' defaults carry the block sums, so an adapter whose B is zero
+    computes exactly what the plain graph does, and one with a B does change it."""
+    import copy
+
+    import peft
+
+    import jishi
+    from jishi.export.adapters import add_adapter
+    from jishi.pipeline import build
+
+    out = build(loaded, "int4", tmp_path / "i4", context=128, evaluate=False, quiet=True, accuracy_level=0)
+    m = jishi.load(out)
+    assert m.manifest.graph.quantization["zero_point_correction"] is True
+    assert m.manifest.merge_points["a_default"] == "block_sums"
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for name, std in (("zero", 0.0), ("alpha", 0.05)):
+        torch.manual_seed(7)
+        lora = peft.get_peft_model(copy.deepcopy(loaded.model),
+                                   peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+        with torch.no_grad():
+            for pname, p in lora.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0.0, std) if std else p.zero_()
+        lora.save_pretrained(tmp_path / name)
+        add_adapter(out, name, tmp_path / name)
+    ids = list(range(5, 60))
+    m = jishi.load(out)
+    plain = m.engine.feed(ids, all_logits=True).copy()
+    scale = float(np.abs(plain).max())
+    m.engine.reset()
+    m.use_adapter("zero")
+    np.testing.assert_allclose(m.engine.feed(ids, all_logits=True), plain, atol=1e-5 * scale, rtol=0)
+    m.engine.reset()
+    m.use_adapter("alpha")
+    assert np.abs(m.engine.feed(ids, all_logits=True) - plain).max() > 1e-2 * scale

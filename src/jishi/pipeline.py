@@ -20,6 +20,7 @@ DEFAULT_CONTEXT = 2048
 # +221%; the rotated teacher: GPTQ +7.5% against +7.7%), and without the side path (20% of a token's time in
 # bench/token_profile.py). A GGUF's own grids keep their exact form: there it is no choice but the file's.
 ZERO_POINTS = "integer"
+QAT_GRID = "a student trained on this int4 grid"  # the start of default_method's reason for a QAT student
 
 
 def default_output(name: str, quant: str) -> Path:
@@ -71,7 +72,8 @@ def build(
     ``zero_points`` (int4 by jishi's own methods): ``exact`` puts each block's grid on its weights' minimum
     and maximum, which MatMulNBits reaches only through a correction side path (two more nodes per
     projection); ``integer`` keeps 0 on the grid and the zero point a code, MatMulNBits' own form;
-    None is ZERO_POINTS. A GGUF's own grids are kept as they are whatever this says.
+    None is ZERO_POINTS, or ``exact`` for a QAT student (the grid it was trained on). A GGUF's own grids are
+    kept as they are whatever this says.
     ``block`` is the int4/int8 block size; ``head_bits`` (8 or 4) the
     embedding table's and LM head's. ``chat_template`` (Jinja text) is stored in the bundle in place of the
     base's own (a pretrained base such as Gemma 3 270M has none). ``check_memory`` refuses, before
@@ -161,6 +163,7 @@ def build(
     if zero_points is not None and quant != "int4":
         raise JishiError(f"--zero-points applies to int4 bundles (this one is {quant}"
                          + ("; a GGUF base keeps its own grids unless built with --quant int4)" if quant == "gguf" else ")"))
+    asked_zero_points = zero_points
     zero_points = ZERO_POINTS if zero_points is None else zero_points
     if quant == "gguf" and not from_gguf_file:
         raise JishiError(f"--quant gguf keeps a GGUF file's own grids, and {base_model.source} is not a GGUF file; "
@@ -181,6 +184,10 @@ def build(
                 raise JishiError(f"the model's {what} {size} is not a multiple of the block size {block}; "
                                  f"choose a --block that divides it")
     method, why = default_method(quant, method, from_gguf_file, merged, block, _distill_record(base_model.source))
+    if method == "grid" or (asked_zero_points is None and why.startswith(QAT_GRID)):
+        # A GGUF's own blocks run from a float minimum (Q4_1, Q4_K), kept as they are; QAT snapped the weights
+        # onto such blocks: the integer default would move every one of them off that grid again.
+        zero_points = "exact"
     if recover_steps and (quant != "int4" or method not in ("rtn", "gptq")):
         raise JishiError(f"--recover-steps trains against int4 codes of rtn or gptq, and this build's are by "
                          f"{METHOD_NAMES.get(method, method)}: add --quant int4 --method gptq")
@@ -361,7 +368,7 @@ def default_method(quant: str, method: str | None, from_gguf: bool, merged, bloc
                         "rounded to nearest")
     qat = (record or {}).get("qat") or {}
     if merged is None and qat.get("bits") == 4 and qat.get("block") == block:
-        return "rtn", f"a student trained on this int4 grid (QAT, block {block}), which round-to-nearest keeps exactly"
+        return "rtn", f"{QAT_GRID} (QAT, block {block}), which round-to-nearest keeps exactly"
     if merged is not None:
         what = "a merged adapter moved the weights off the base's grid"
     elif record is not None:
