@@ -44,6 +44,9 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied: bool
+    # int4 projections with the zero-point correction (4 bytes per block of 32 per output): a GGUF grid with
+    # float minima; off-grid weights are built onto integer zero points, which need none.
+    int4_correction: bool = True
 
     @property
     def linear_params(self) -> int:
@@ -62,7 +65,8 @@ class ModelShape:
 
 
 # Bytes per parameter as jishi stores them in memory (see export/quant.py).
-_LINEAR = {"int4": 0.5 + 4 / 32 + 0.5 / 32 + 4 / 32, "int8": 1 + 4 / 32 + 1 / 32, "fp16": 4.0, "fp32": 4.0}
+_LINEAR = {"int4": 0.5 + 4 / 32 + 0.5 / 32, "int8": 1 + 4 / 32 + 1 / 32, "fp16": 4.0, "fp32": 4.0}
+_CORRECTION = 4 / 32  # int4 with float block minima: the correction side path's fp32 per block and output
 _HEAD = {"int4": 1 + 4 / 32, "int8": 1 + 4 / 32, "fp16": 4.0, "fp32": 4.0}  # LM head and embedding table
 
 
@@ -93,10 +97,11 @@ def estimate(model: ModelShape, profile: Profile, quant: str, context: int) -> E
     # Quantized, a tied table is stored once, but in memory the LM head's kernel holds its own prepacked copy
     # beside the codes the embedding lookup reads.
     head_tables = 1 if model.tied and quant in ("fp32", "fp16") else 2
-    weights = int(model.linear_params * _LINEAR[quant] + head_tables * model.embedding_params * _HEAD[quant])
+    linear = _LINEAR[quant] + (_CORRECTION if quant == "int4" and model.int4_correction else 0.0)
+    weights = int(model.linear_params * linear + head_tables * model.embedding_params * _HEAD[quant])
     kv = 2 * model.layers * model.kv_heads * model.head_dim * context * 4
     memory = weights + kv + RUNTIME_OVERHEAD
-    read = int(model.linear_params * _LINEAR[quant] + model.embedding_params * _HEAD[quant])
+    read = int(model.linear_params * linear + model.embedding_params * _HEAD[quant])
     bandwidth = profile.bandwidth_gbs * 1e9 * BANDWIDTH_FRACTION
     seconds = read / bandwidth + model.layers * PER_LAYER_S / core_speed(profile)
     return Estimate(quant, weights, kv, memory, read, 1.0 / seconds, memory <= profile.ram_gb * 2**30 * FREE_FOR_OS)

@@ -22,7 +22,7 @@ import jishi
 m = jishi.load(sys.argv[1])
 m.generate("Return the value of the expression " * 20, max_new_tokens=32, temperature=0)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(int(hwm.split()[1]) * 1024)
+print(m.engine.capacity, int(hwm.split()[1]) * 1024)
 """
 
 
@@ -63,10 +63,15 @@ def test_memory_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, tin
     # the directory's config.json (which leaves out tie_word_embeddings: transformers' default) and the bundle agree
     assert replace(model_shape(str(base)), name=shape.name) == shape
     assert shape.head_dim == 128 and shape.tied  # not 512 / 4
-    est = estimate(shape, get_profile("build-vm-2core-24gb"), "int4", 2048)
+    assert not shape.int4_correction  # off-grid weights, built onto integer zero points: no correction to hold
     done = subprocess.run([sys.executable, "-c", RUN, str(bundle)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    measured = int(done.stdout.strip().splitlines()[-1])
-    # measured here: estimate 189 MB, peak RSS 164 MB (+15%), since the runtime gives back the weights file's
-    # pages prepacking read (before: 214 and 190 MB)
+    capacity, measured = map(int, done.stdout.strip().splitlines()[-1].split())
+    # The cache grows in steps as the conversation does, so the run holds the KV of the positions it reached,
+    # not of the full context: the estimate is compared at the capacity the run ended with.
+    assert 0 < capacity < 2048
+    est = estimate(shape, get_profile("build-vm-2core-24gb"), "int4", capacity)
+    assert est.memory_bytes < estimate(shape, get_profile("build-vm-2core-24gb"), "int4", 2048).memory_bytes
+    # measured: estimate 172 MB at the 512 positions reached, peak RSS 148 MB (+16%) on one machine, more on
+    # another (how many of the shared libraries' pages a process maps depends on what the page cache holds)
     assert abs(est.memory_bytes / measured - 1) <= 0.20, (est.memory_bytes, measured)

@@ -4,6 +4,7 @@ and the device profile a command means, for the planner."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from jishi.errors import JishiError
@@ -22,13 +23,16 @@ def model_shape(spec: str):
         heads = c["num_attention_heads"]
         return ModelShape(path.name, c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
                           c.get("num_key_value_heads", heads), c.get("head_dim") or c["hidden_size"] // heads,
-                          c["vocab_size"], bool(c.get("tie_word_embeddings", True)))  # transformers omits its default, True
+                          c["vocab_size"], bool(c.get("tie_word_embeddings", True)),  # transformers omits its default, True
+                          int4_correction=False)  # off-grid weights: int4 onto integer zero points
     if path.suffix == ".gguf" or (not path.exists() and spec.lower() in known_bases()):
         from jishi.distill.base import load_config_only
 
         return load_config_only(spec)
     m = open_bundle(resolve_bundle(spec), verify_hashes=False).manifest
-    return ModelShape.from_config(m.name, m.config)
+    q = m.graph.quantization or {}
+    shape = ModelShape.from_config(m.name, m.config)
+    return replace(shape, int4_correction=bool(q.get("zero_point_correction", True)))
 
 
 def known_bases() -> dict:
