@@ -71,7 +71,13 @@ def describe(bundle) -> str:
         rows.append(("measured on", ev["heldout"]))
         check = ev.get("int4_check")
         if check and not check.get("within", True):
-            rows.append(("warning", f"int4 costs more than +{100 * (check['bound'] - 1):.0f}% perplexity here: {check['advice']}"))
+            bound = f"+{100 * (check['bound'] - 1):.0f}%"
+            if check.get("recovered_within"):
+                rows.append(("int4", f"costs more than {bound} perplexity without its LoRA, "
+                                     f"{100 * (check['recovered_ratio'] - 1):+.1f}% with it: use --adapter "
+                                     f"{ev['recovered']['adapter']}"))
+            else:
+                rows.append(("warning", f"int4 costs more than {bound} perplexity here: {check['advice']}"))
         vt = ev.get("teacher")
         if vt:
             rows.append(("vs teacher", f"{vt['name']}: perplexity {vt['student_perplexity']:.2f} against its "

@@ -60,6 +60,30 @@ def test_off_grid_weights_get_calibrated_int4_by_default_and_the_build_says_what
     assert f"held-out perplexity {ev['perplexity']:.2f} against the unquantized model's {ev['reference_perplexity']:.2f}" in err
 
 
+def test_info_says_what_the_int4_check_found(tiny_bundles, tmp_path):
+    """jishi info: beyond the bound a warning with the advice; beyond it without the recovery LoRA but within it
+    with the LoRA, which adapter to use."""
+    import shutil
+    from dataclasses import replace
+
+    from jishi.export.bundle_writer import with_files, write_manifest
+    from jishi.runtime.bundle import open_bundle
+    from jishi.runtime.describe import describe
+
+    bundle = shutil.copytree(tiny_bundles["int4"], tmp_path / "b")
+    base = {"perplexity": 37.50, "reference_perplexity": 35.07, "top1_agreement": 0.852, "heldout": "the text"}
+    for evaluation, expected in (
+        ({**base, "int4_check": {"bound": 1.05, "perplexity_ratio": 1.0693, "within": False, "advice": "use int8"}},
+         "int4 costs more than +5% perplexity here: use int8"),
+        ({**base, "recovered": {"adapter": "recover", "perplexity": 36.65, "top1_agreement": 0.869},
+          "int4_check": {"bound": 1.05, "perplexity_ratio": 1.0693, "within": False, "recovered_ratio": 1.0451,
+                         "recovered_within": True}},
+         "costs more than +5% perplexity without its LoRA, +4.5% with it: use --adapter recover")):
+        m = open_bundle(bundle, verify_hashes=False).manifest
+        write_manifest(bundle, with_files(replace(m, evaluation=evaluation), bundle))
+        assert expected in describe(open_bundle(bundle))
+
+
 def test_int4_beyond_the_bound_is_said_with_what_to_do():
     from jishi.export.graph import QuantRecipe
     from jishi.pipeline import _int4_check
@@ -68,9 +92,23 @@ def test_int4_beyond_the_bound_is_said_with_what_to_do():
     check = _int4_check({"perplexity": 22.2, "reference_perplexity": 16.69, "top1_agreement": 0.578},
                         QuantRecipe("int4", method="gptq"), said.append)
     assert check["within"] is False and check["perplexity_ratio"] == round(22.2 / 16.69, 4)
-    assert "--quant int8" in check["advice"]
+    assert "--quant int8" in check["advice"] and "--recover-steps" in check["advice"]
     assert said == [f"warning: int4 by GPTQ: held-out perplexity 22.20 against the unquantized model's 16.69 (+33.0%), "
                     f"top-1 agreement 57.8%, beyond the +5% bound for int4: {check['advice']}"]
+    said.clear()
+    # AWQ's scales leave no merge points for a recovery LoRA: it is not offered there
+    assert "--recover-steps" not in _int4_check({"perplexity": 22.2, "reference_perplexity": 16.69, "top1_agreement": 0.5},
+                                                QuantRecipe("int4", method="awq"), said.append)["advice"]
+    said.clear()
+    # recovered: the plain bundle is beyond the bound, with its LoRA within it: said so, and no advice
+    recovered = {"adapter": "recover", "perplexity": 36.65, "top1_agreement": 0.869}
+    check = _int4_check({"perplexity": 37.50, "reference_perplexity": 35.07, "top1_agreement": 0.852,
+                         "recovered": recovered}, QuantRecipe("int4", method="gptq"), said.append)
+    assert check == {"bound": 1.05, "perplexity_ratio": 1.0693, "within": False, "recovered_ratio": 1.0451,
+                     "recovered_within": True}
+    assert said == ["int4 by GPTQ: held-out perplexity 37.50 against the unquantized model's 35.07 (+6.9%), top-1 "
+                    "agreement 85.2%; with its recover LoRA +4.5%, within the +5% bound: use the bundle with "
+                    "--adapter recover"]
     said.clear()
     assert _int4_check({"perplexity": 15.19, "reference_perplexity": 15.15, "top1_agreement": 0.968},
                        QuantRecipe("int4", method="grid"), said.append) == {"bound": 1.05, "perplexity_ratio": 1.0026,
