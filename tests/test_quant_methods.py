@@ -92,7 +92,7 @@ def test_int4_beyond_the_bound_is_said_with_what_to_do():
     check = _int4_check({"perplexity": 22.2, "reference_perplexity": 16.69, "top1_agreement": 0.578},
                         QuantRecipe("int4", method="gptq"), said.append)
     assert check["within"] is False and check["perplexity_ratio"] == round(22.2 / 16.69, 4)
-    assert "--quant int8" in check["advice"] and "--recover-steps" in check["advice"]
+    assert "--quant int8" in check["advice"] and "--recover-steps" in check["advice"] and "--block 16" in check["advice"]
     assert said == [f"warning: int4 by GPTQ: held-out perplexity 22.20 against the unquantized model's 16.69 (+33.0%), "
                     f"top-1 agreement 57.8%, beyond the +5% bound for int4: {check['advice']}"]
     said.clear()
