@@ -219,3 +219,34 @@ def test_llama3_gguf_tokenizer_splits_as_llama3(tmp_path):
     for line in LINES + ["1234567 and 12,345,678", "I'M SURE YOU'LL", "x = 99999;"]:
         assert ours.encode(line) == [vocab["<|begin_of_text|>"]] + ref.encode(line).ids, line
         assert ours.decode(ours.encode(line)) == line
+
+
+def test_merges_are_written_compactly_and_encode_the_same(tiny_tokenizer, tiny_bundles):
+    """A bundle's BPE merges are "a b" strings (parsed with half the memory of ["a", "b"] pairs), with the
+    same ids and text; merges whose parts hold a space keep the pair form, and other models are untouched."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from jishi.runtime.tokenizer import compact_merges
+
+    pairs = tiny_tokenizer.to_str()
+    merges = json.loads(pairs)["model"]["merges"]
+    assert merges and isinstance(merges[0], list)  # what tokenizers writes
+    compact = compact_merges(pairs)
+    assert json.loads(compact)["model"]["merges"] == [f"{a} {b}" for a, b in merges]
+    text = "Return the value of the expression: 3 * (4 + 5) -- naïve café, ünïcode 東京\n\tdone."
+    a, b = HFTokenizer.from_str(pairs), HFTokenizer.from_str(compact)
+    assert a.encode(text).ids == b.encode(text).ids and len(a.encode(text).ids) > 10
+    assert b.decode(b.encode(text).ids) == a.decode(a.encode(text).ids)
+
+    body = json.loads(pairs)
+    body["model"]["merges"] = body["model"]["merges"] + [["a b", "c"]]
+    spaced = json.dumps(body)
+    assert compact_merges(spaced) == spaced
+    wordlevel = HFTokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")).to_str()
+    assert compact_merges(wordlevel) == wordlevel
+
+    written = json.loads((tiny_bundles["int4"] / "tokenizer.json").read_text())["model"]["merges"]
+    assert written and all(isinstance(m, str) for m in written)

@@ -99,6 +99,7 @@ def build(
                                     strip_merge_points)
     from jishi.runtime.adapters import TARGETS
     from jishi.runtime.manifest import GraphInfo, Manifest
+    from jishi.runtime.tokenizer import compact_merges
 
     from jishi.export.calibrate import CALIBRATED, METHODS
 
@@ -273,7 +274,7 @@ def build(
         else:
             save_model(graph, staging / "model.onnx")
         del graph
-        (staging / "tokenizer.json").write_text(base_model.tokenizer_json, encoding="utf-8")
+        (staging / "tokenizer.json").write_text(compact_merges(base_model.tokenizer_json), encoding="utf-8")
         manifest = Manifest(
             name=name,
             config=cfg,
