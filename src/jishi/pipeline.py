@@ -20,7 +20,6 @@ DEFAULT_CONTEXT = 2048
 # +221%; the rotated teacher: GPTQ +7.5% against +7.7%), and without the side path (20% of a token's time in
 # bench/token_profile.py). A GGUF's own grids keep their exact form: there it is no choice but the file's.
 ZERO_POINTS = "integer"
-QAT_GRID = "a student trained on this int4 grid"  # the start of default_method's reason for a QAT student
 
 
 def default_output(name: str, quant: str) -> Path:
@@ -184,8 +183,10 @@ def build(
             if size % block:
                 raise JishiError(f"the model's {what} {size} is not a multiple of the block size {block}; "
                                  f"choose a --block that divides it")
-    method, why = default_method(quant, method, from_gguf_file, merged, block, _distill_record(base_model.source))
-    if method == "grid" or (asked_zero_points is None and why.startswith(QAT_GRID)):
+    record = _distill_record(base_model.source)
+    qat_grid = method is None and _on_qat_grid(record, merged, block)
+    method, why = default_method(quant, method, from_gguf_file, merged, block, record)
+    if method == "grid" or (qat_grid and asked_zero_points is None):
         # A GGUF's own blocks run from a float minimum (Q4_1, Q4_K), kept as they are; QAT snapped the weights
         # onto such blocks: the integer default would move every one of them off that grid again.
         zero_points = "exact"
@@ -255,7 +256,7 @@ def build(
     del weights, prequantized
     if grids is not None:
         grids.weights.clear()  # the graph holds them now
-    if owned and grids is not None and merged is None and _distill_record(base_model.source) is None:
+    if owned and grids is not None and merged is None and record is None:
         # A GGUF base loaded here: measure the float model on the held-out text now, then let it go, so that
         # it and onnxruntime's session of the bundle are never in memory together.
         if evaluate:
@@ -301,7 +302,7 @@ def build(
                 "base_license": base_model.license,
                 **({"chat_template": "given at build"} if chat_template is not None else {}),
                 **({"merged_adapter": merged} if merged else {}),
-                **({"distilled": distilled} if (distilled := _distill_record(base_model.source)) else {}),
+                **({"distilled": record} if record else {}),
                 **({"calibration": calibration_record["text"]} if calibration_record else {}),
                 "built_with": _versions(),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -335,7 +336,7 @@ def build(
                     f"top-1 agreement {100 * with_lora['top1_agreement']:.1f}%")
             if quant == "int4":
                 evaluation["int4_check"] = _int4_check(evaluation, recipe, say,
-                                                       student=_distill_record(base_model.source) is not None)
+                                                       student=record is not None)
             manifest = replace(manifest, evaluation=evaluation)
             write_manifest(staging, manifest)
         publish(staging, target)
@@ -367,9 +368,8 @@ def default_method(quant: str, method: str | None, from_gguf: bool, merged, bloc
     if from_gguf and merged is None and block == 32:
         return "grid", ("the base is a GGUF file: its 4-bit blocks are kept exactly, and tensors of other types are "
                         "rounded to nearest")
-    qat = (record or {}).get("qat") or {}
-    if merged is None and qat.get("bits") == 4 and qat.get("block") == block:
-        return "rtn", f"{QAT_GRID} (QAT, block {block}), which round-to-nearest keeps exactly"
+    if _on_qat_grid(record, merged, block):
+        return "rtn", f"a student trained on this int4 grid (QAT, block {block}), which round-to-nearest keeps exactly"
     if merged is not None:
         what = "a merged adapter moved the weights off the base's grid"
     elif record is not None:
@@ -380,6 +380,12 @@ def default_method(quant: str, method: str | None, from_gguf: bool, merged, bloc
         what = "these weights lie on no 4-bit grid"
     return DEFAULT_CALIBRATED, (f"{what}, so the codes are calibrated on text (round-to-nearest cost a distilled "
                                 "20-block student +374% perplexity, GPTQ +33%)")
+
+
+def _on_qat_grid(record: dict | None, merged, block: int) -> bool:
+    """Whether the weights are a QAT student's, trained on int4 blocks of ``block`` (and no adapter merged since)."""
+    qat = (record or {}).get("qat") or {}
+    return merged is None and qat.get("bits") == 4 and qat.get("block") == block
 
 
 def _calibrate(base, cfg, weights: dict, method: str, block: int, damp: float, act_order: bool, text: str | None,
